@@ -1,0 +1,93 @@
+"""What a loaded adapter is (spec, weights, where it came from) and the plain views the API returns."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from core.adapter_sources import AdapterFiles, AdapterLocation
+from core.lora_spec import LoraSpec
+from core.lora_weights import AdapterWeights
+from core.targeting import Target
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A snapshot of one resident adapter, safe to hand to any thread."""
+
+    name: str
+    source: str  # what the caller passed as model_id: a folder or a Hub repo id
+    source_kind: str  # "local" or "hub"
+    subfolder: str | None
+    revision: str | None  # as requested
+    resolved_revision: str | None  # Hub commit sha, when known
+    max_rank: int  # largest per-module rank
+    lora_alpha: float
+    target_modules: tuple[str, ...]  # distinct module leaf names, e.g. ("q_proj", "v_proj")
+    num_modules: int  # wrapped base modules this adapter changes
+    dtype: str
+    size_bytes: int
+    is_default: bool
+    pinned: bool
+    trainable: bool
+    slot: int
+    version: int  # starts at 1, bumps on every replace
+    loaded_at: float  # unix seconds
+    last_used: float | None
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    info: AdapterInfo
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    already_loaded: bool
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """An adapter resident in memory. Routing holds references to it, so an unloaded adapter stays valid for
+    the rows that started with it until they let go."""
+
+    name: str
+    location: AdapterLocation
+    files: AdapterFiles
+    spec: LoraSpec
+    targets: list[Target]
+    weights: AdapterWeights
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    trainable: bool
+    pinned: bool
+    slot: int
+    version: int = 1
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float | None = None
+
+    def info(self, *, is_default: bool) -> AdapterInfo:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in self.weights.tensors()})
+        return AdapterInfo(
+            name=self.name,
+            source=self.location.model_id,
+            source_kind=self.files.source,
+            subfolder=self.location.subfolder,
+            revision=self.location.revision,
+            resolved_revision=self.files.resolved_revision,
+            max_rank=max((t.r for t in self.targets), default=0),
+            lora_alpha=self.spec.lora_alpha,
+            target_modules=tuple(sorted({t.name.rpartition(".")[2] for t in self.targets})),
+            num_modules=len(self.weights.module_names),
+            dtype=",".join(dtypes),
+            size_bytes=self.weights.nbytes,
+            is_default=is_default,
+            pinned=self.pinned,
+            trainable=self.trainable,
+            slot=self.slot,
+            version=self.version,
+            loaded_at=self.loaded_at,
+            last_used=self.last_used,
+        )
+
+    def parameters(self) -> list:
+        """The trainable tensors (for an optimizer) when loaded with is_trainable=True."""
+        return [t for t in self.weights.tensors() if t.requires_grad]

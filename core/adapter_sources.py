@@ -1,0 +1,173 @@
+"""How an adapter arrives: sources behind one small interface, tried in order (first that claims wins).
+
+A source turns what the caller named (``AdapterLocation``) into two local files (``AdapterFiles``). Adding a
+source (S3, an HTTP registry, ...) means adding a class, not a branch.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import AdapterSourceNotFoundError, InvalidArgumentError, LoramuxError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # safetensors first, as PEFT does
+
+
+class AdapterSourceUnavailableError(LoramuxError):
+    """The source exists in principle but cannot be reached now (Hub outage, network error)."""
+
+    reason = "ADAPTER_SOURCE_UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class AdapterLocation:
+    """Where the caller says an adapter is: a local folder or a Hub repo id, plus Hub options."""
+
+    model_id: str
+    subfolder: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    def identity(self) -> tuple[str, str | None, str | None]:
+        """What makes two loads 'the same adapter' (idempotent reload vs conflict)."""
+        return (self.model_id, self.subfolder or None, self.revision or None)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    config: Path
+    weights: Path
+    source: str  # which source resolved it: "local" or "hub"
+    resolved_revision: str | None = None  # Hub commit sha, when known
+
+
+class AdapterSource(ABC):
+    """Resolves an AdapterLocation to local files, or says it does not handle that kind of location."""
+
+    name: str
+
+    @abstractmethod
+    def claims(self, location: AdapterLocation) -> bool: ...
+
+    @abstractmethod
+    def fetch(self, location: AdapterLocation) -> AdapterFiles: ...
+
+
+class LocalDirSource(AdapterSource):
+    """A folder on this machine (``model_id`` is a path; ``subfolder`` is joined to it)."""
+
+    name = "local"
+
+    def claims(self, location: AdapterLocation) -> bool:
+        mid = location.model_id
+        return os.path.isdir(mid) or mid.startswith(("/", ".", "~"))
+
+    def fetch(self, location: AdapterLocation) -> AdapterFiles:
+        folder = Path(location.model_id).expanduser()
+        if location.subfolder:
+            folder = folder / location.subfolder
+        if not folder.is_dir():
+            raise AdapterSourceNotFoundError(f"adapter folder {str(folder)!r} does not exist", field="source")
+        config = folder / CONFIG_NAME
+        if not config.is_file():
+            raise AdapterSourceNotFoundError(f"{CONFIG_NAME} is missing in {str(folder)!r}", field="source")
+        for weights_name in WEIGHTS_NAMES:
+            if (folder / weights_name).is_file():
+                return AdapterFiles(config=config, weights=folder / weights_name, source=self.name)
+        raise AdapterSourceNotFoundError(
+            f"no {' or '.join(WEIGHTS_NAMES)} in {str(folder)!r}", field="source"
+        )
+
+
+class HubSource(AdapterSource):
+    """A Hugging Face Hub repo id, through huggingface_hub (honours HF_HUB_OFFLINE and the cache)."""
+
+    name = "hub"
+
+    def claims(self, location: AdapterLocation) -> bool:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(location.model_id)
+        except HFValidationError:
+            return False
+        return True
+
+    def fetch(self, location: AdapterLocation) -> AdapterFiles:
+        config = self._download(location, CONFIG_NAME)
+        if config is None:
+            raise AdapterSourceNotFoundError(
+                f"{CONFIG_NAME} not found in Hub repo {location.model_id!r}"
+                + (f" (revision {location.revision!r})" if location.revision else ""),
+                field="source",
+            )
+        for weights_name in WEIGHTS_NAMES:
+            weights = self._download(location, weights_name)
+            if weights is not None:
+                return AdapterFiles(config, weights, self.name, _snapshot_commit(weights))
+        raise AdapterSourceNotFoundError(
+            f"no {' or '.join(WEIGHTS_NAMES)} in Hub repo {location.model_id!r}", field="source"
+        )
+
+    @staticmethod
+    def _download(location: AdapterLocation, filename: str) -> Path | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            path = hf_hub_download(
+                location.model_id,
+                filename,
+                subfolder=location.subfolder or None,
+                revision=location.revision or None,
+                cache_dir=location.cache_dir,
+                token=location.token,
+            )
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise AdapterSourceNotFoundError(
+                f"Hub repo {location.model_id!r} or revision {location.revision!r} not found: {exc}",
+                field="source",
+            ) from exc
+        except (OSError, ValueError) as exc:  # network errors, HTTP errors, offline without cache
+            raise AdapterSourceUnavailableError(
+                f"Hub repo {location.model_id!r} could not be reached: {exc}", field="source"
+            ) from exc
+        return Path(path)
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    parts = path.parts
+    if "snapshots" in parts:
+        index = parts.index("snapshots")
+        if index + 1 < len(parts):
+            return parts[index + 1]
+    return None
+
+
+DEFAULT_SOURCES: tuple[AdapterSource, ...] = (LocalDirSource(), HubSource())
+
+
+def fetch_adapter_files(location: AdapterLocation, sources: Sequence[AdapterSource]) -> AdapterFiles:
+    if not location.model_id.strip():
+        raise InvalidArgumentError("source must name a local folder or a Hub repo id", field="source")
+    for source in sources:
+        if source.claims(location):
+            return source.fetch(location)
+    names = ", ".join(s.name for s in sources)
+    raise AdapterSourceNotFoundError(
+        f"{location.model_id!r} is neither an existing folder nor a valid Hub repo id (sources: {names})",
+        field="source",
+    )

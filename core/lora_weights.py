@@ -1,0 +1,262 @@
+"""What an adapter *is*: its validated tensors, keyed by base-module name, ready for routing.
+
+``read_adapter_weights`` maps PEFT's file keys onto the resolved targets, checks every shape, dtype and value,
+and only then builds tensors; any problem is collected and raised once, so a failed load leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from core.errors import CorruptAdapterError, IncompatibleAdapterError
+from core.lora_spec import LoraSpec
+from core.targeting import Target, TargetKind
+
+PREFIX = "base_model.model."
+
+
+@dataclass
+class LinearLora:
+    """LoRA on a Linear/Conv1D: delta = (x @ A.T @ B.T + bias) * scaling."""
+
+    A: Tensor  # (r, in)
+    B: Tensor  # (out, r)
+    bias: Tensor | None  # (out,) — lora_bias, scaled like the rest
+    scaling: float
+
+
+@dataclass
+class EmbeddingLora:
+    """LoRA on an Embedding: delta = embedding(ids, A.T) @ B.T * scaling (* embed_scale)."""
+
+    A: Tensor  # (r, num_embeddings)
+    B: Tensor  # (embedding_dim, r)
+    scaling: float
+
+
+@dataclass
+class AdapterWeights:
+    linear: dict[str, LinearLora] = field(default_factory=dict)
+    embedding: dict[str, EmbeddingLora] = field(default_factory=dict)
+    saved_modules: dict[str, nn.Module] = field(default_factory=dict)  # modules_to_save copies
+
+    def tensors(self) -> Iterator[Tensor]:
+        for lin in self.linear.values():
+            yield lin.A
+            yield lin.B
+            if lin.bias is not None:
+                yield lin.bias
+        for emb in self.embedding.values():
+            yield emb.A
+            yield emb.B
+        for module in self.saved_modules.values():
+            yield from module.parameters()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def module_names(self) -> list[str]:
+        return [*self.linear, *self.embedding, *self.saved_modules]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    read_device: torch.device | None  # where the file is read to (PEFT's torch_device); None: the base's
+    autocast_adapter_dtype: bool  # fp16/bf16 LoRA weights computed in fp32, as PEFT does
+    trainable: bool
+    max_rank: int
+    work_device: torch.device | None = None  # ephemeral GPU for checks and casts; None: read_device
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    weights: AdapterWeights
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+
+
+def read_state_dict(path: Path, device: torch.device | str) -> dict[str, Tensor]:
+    """adapter_model.safetensors, or adapter_model.bin read with weights_only=True."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device=str(device))
+        else:
+            state = torch.load(str(path), map_location=device, weights_only=True)
+    except Exception as exc:  # safetensors and pickle raise many unrelated types for a bad file
+        raise CorruptAdapterError(f"{path.name} is unreadable or truncated: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CorruptAdapterError(f"{path.name} does not hold a flat mapping of tensors")
+    return state
+
+
+def adapter_keys(target: Target, adapter_name: str) -> dict[str, str]:
+    """File key -> PEFT's in-model key (the form PEFT reports missing keys in) for one target."""
+    base = PREFIX + target.name
+    if target.kind is TargetKind.EMBEDDING:
+        return {f"{base}.lora_embedding_{m}": f"{base}.lora_embedding_{m}.{adapter_name}" for m in "AB"}
+    return {f"{base}.lora_{m}.weight": f"{base}.lora_{m}.{adapter_name}.weight" for m in "AB"}
+
+
+def read_adapter_weights(
+    *,
+    spec: LoraSpec,
+    targets: list[Target],
+    saved_module_names: list[str],
+    state: Mapping[str, Tensor],
+    modules: Mapping[str, nn.Module],
+    base_params: Mapping[str, Tensor],
+    adapter_name: str,
+    options: LoadOptions,
+) -> LoadedWeights:
+    problems: list[str] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    weights = AdapterWeights()
+    for target in targets:
+        keys = adapter_keys(target, adapter_name)
+        if spec.lora_bias and target.kind is TargetKind.LINEAR:
+            keys[f"{PREFIX}{target.name}.lora_B.bias"] = f"{PREFIX}{target.name}.lora_B.{adapter_name}.bias"
+        present = {k: state[k] for k in keys if k in state}
+        used.update(present)
+        missing.extend(keys[k] for k in keys if k not in state)
+        roles = {_role(k) for k in present}
+        if len(present) < len(keys) and (not spec.missing_weights_are_noop or roles == {"B"}):
+            problems.append(
+                f"{target.name}: LoRA weights missing from the file, and init_lora_weights="
+                f"{spec.init_lora_weights!r} would leave PEFT with random values there"
+            )
+        if not {"A", "B"} <= roles:
+            continue  # PEFT's default init has B=0: the module contributes nothing
+        tensors = _checked(target, present, problems, options.max_rank)
+        if tensors is not None:
+            _add_target(weights, target, tensors, modules[target.name], options)
+    for name in saved_module_names:
+        _add_saved_module(weights, name, state, modules[name], used, problems, options)
+    unexpected = [k for k in state if k not in used and not _is_unchanged_base(k, state[k], base_params, problems)]
+    if problems:
+        raise IncompatibleAdapterError("adapter weights do not fit the base model", problems=problems)
+    _check_finite(weights)
+    return LoadedWeights(weights, tuple(missing), tuple(unexpected))
+
+
+def _checked(
+    target: Target, present: Mapping[str, Tensor], problems: list[str], max_rank: int
+) -> dict[str, Tensor] | None:
+    """Shapes by role ('A', 'B', 'bias'); appends a problem and returns None when anything is off."""
+    by_role = {_role(k): t for k, t in present.items()}
+    if "A" not in by_role or "B" not in by_role:
+        return None
+    r = target.r
+    if r > max_rank:
+        problems.append(f"{target.name}: rank {r} exceeds the configured maximum {max_rank}")
+        return None
+    if target.kind is TargetKind.EMBEDDING:
+        expected = {"A": (r, target.in_features), "B": (target.out_features, r)}
+    else:
+        expected = {"A": (r, target.in_features), "B": (target.out_features, r), "bias": (target.out_features,)}
+    ok = True
+    for role, tensor in by_role.items():
+        if not tensor.is_floating_point():
+            problems.append(f"{target.name}.{role}: dtype {tensor.dtype} is not floating point")
+            ok = False
+        elif tuple(tensor.shape) != expected[role]:
+            problems.append(
+                f"{target.name}.{role}: shape {tuple(tensor.shape)} does not fit the base module "
+                f"(expected {expected[role]}, r={r})"
+            )
+            ok = False
+    return by_role if ok else None
+
+
+def _role(key: str) -> str:
+    if key.endswith(".bias"):
+        return "bias"
+    return "A" if key.endswith(("lora_A.weight", "lora_embedding_A")) else "B"
+
+
+def lora_dtype(base_dtype: torch.dtype, autocast: bool) -> torch.dtype:
+    """PEFT creates LoRA weights in the base layer's dtype, then upcasts half types to fp32 on autocast."""
+    if autocast and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
+def _place(tensor: Tensor, base: Tensor, options: LoadOptions) -> Tensor:
+    dtype = lora_dtype(base.dtype, options.autocast_adapter_dtype)
+    if options.work_device is not None:
+        tensor = tensor.to(options.work_device)
+    placed = tensor.to(device=base.device, dtype=dtype).contiguous()
+    return nn.Parameter(placed, requires_grad=True) if options.trainable else placed
+
+
+def _add_target(
+    weights: AdapterWeights, target: Target, tensors: Mapping[str, Tensor], module: nn.Module, options: LoadOptions
+) -> None:
+    base = module.weight
+    A, B = _place(tensors["A"], base, options), _place(tensors["B"], base, options)
+    if target.kind is TargetKind.EMBEDDING:
+        weights.embedding[target.name] = EmbeddingLora(A, B, target.scaling)
+        return
+    bias = tensors.get("bias")
+    placed_bias = _place(bias, base, options) if bias is not None else None
+    weights.linear[target.name] = LinearLora(A, B, placed_bias, target.scaling)
+
+
+def _add_saved_module(
+    weights: AdapterWeights,
+    name: str,
+    state: Mapping[str, Tensor],
+    module: nn.Module,
+    used: set[str],
+    problems: list[str],
+    options: LoadOptions,
+) -> None:
+    """modules_to_save: a full per-adapter copy, initialised from the base module (as PEFT does)."""
+    replica = copy.deepcopy(module)
+    for param_name, param in replica.named_parameters():
+        key = f"{PREFIX}{name}.{param_name}"
+        if key not in state:
+            continue
+        used.add(key)
+        value = state[key]
+        if tuple(value.shape) != tuple(param.shape):
+            problems.append(f"{name}.{param_name}: shape {tuple(value.shape)}, base has {tuple(param.shape)}")
+            continue
+        with torch.no_grad():
+            param.copy_(value)
+    replica.requires_grad_(options.trainable)
+    weights.saved_modules[name] = replica
+
+
+def _is_unchanged_base(key: str, value: Tensor, base_params: Mapping[str, Tensor], problems: list[str]) -> bool:
+    """A file may carry base weights (PEFT's save_embedding_layers). Equal to ours: harmless; else refuse."""
+    name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
+    base = base_params.get(name)
+    if base is None or not key.startswith(PREFIX):
+        return False
+    if base.shape == value.shape and torch.equal(base.detach().cpu(), value.to(base.dtype).cpu()):
+        return True
+    problems.append(f"{key} would overwrite the shared base weight {name}; loramux never mutates the base")
+    return True
+
+
+def _check_finite(weights: AdapterWeights) -> None:
+    bad = [
+        name
+        for name, lin in weights.linear.items()
+        if not all(torch.isfinite(t).all() for t in (lin.A, lin.B, lin.bias) if t is not None)
+    ]
+    bad += [n for n, e in weights.embedding.items() if not (torch.isfinite(e.A).all() and torch.isfinite(e.B).all())]
+    bad += [n for n, m in weights.saved_modules.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
+    if bad:
+        raise CorruptAdapterError("adapter weights contain NaN or Inf", problems=[f"{n}" for n in bad])
