@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
-.PHONY: venv test test-all lint bench proto run clean
+.PHONY: venv test test-all lint bench bench-adapters bench-routing proto run clean
 
 venv: $(STAMP)
 
@@ -27,10 +27,16 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check core service tests bench
+	$(PY) -m ruff format --check core service tests bench
 	$(PY) -m mypy
 
-bench: $(STAMP)
+bench: bench-adapters bench-routing
+
+bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager
+
+bench-routing: $(STAMP)
+	$(PY) -m bench.lora_routing
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -136,7 +136,9 @@ class LoraSpec:
             rank_pattern=tuple((k, int(v)) for k, v in (raw.get("rank_pattern") or {}).items()),
             alpha_pattern=tuple((k, float(v)) for k, v in (raw.get("alpha_pattern") or {}).items()),
             target_modules=_names_or_regex(raw["target_modules"]),
-            exclude_modules=None if _is_unset(raw.get("exclude_modules")) else _names_or_regex(raw["exclude_modules"]),
+            exclude_modules=None
+            if _is_unset(raw.get("exclude_modules"))
+            else _names_or_regex(raw["exclude_modules"]),
             layers_to_transform=_layers(raw.get("layers_to_transform")),
             layers_pattern=_str_tuple(raw.get("layers_pattern")),
             modules_to_save=_str_tuple(raw.get("modules_to_save")) or (),

@@ -142,7 +142,9 @@ def read_adapter_weights(
             _add_target(weights, target, tensors, modules[target.name], options)
     for name in saved_module_names:
         _add_saved_module(weights, name, state, modules[name], used, problems, options)
-    unexpected = [k for k in state if k not in used and not _is_unchanged_base(k, state[k], base_params, problems)]
+    unexpected = [
+        k for k in state if k not in used and not _is_unchanged_base(k, state[k], base_params, problems)
+    ]
     if problems:
         raise IncompatibleAdapterError("adapter weights do not fit the base model", problems=problems)
     _check_finite(weights)
@@ -160,10 +162,9 @@ def _checked(
     if r > max_rank:
         problems.append(f"{target.name}: rank {r} exceeds the configured maximum {max_rank}")
         return None
-    if target.kind is TargetKind.EMBEDDING:
-        expected = {"A": (r, target.in_features), "B": (target.out_features, r)}
-    else:
-        expected = {"A": (r, target.in_features), "B": (target.out_features, r), "bias": (target.out_features,)}
+    expected: dict[str, tuple[int, ...]] = {"A": (r, target.in_features), "B": (target.out_features, r)}
+    if target.kind is TargetKind.LINEAR:
+        expected["bias"] = (target.out_features,)
     ok = True
     for role, tensor in by_role.items():
         if not tensor.is_floating_point():
@@ -200,9 +201,14 @@ def _place(tensor: Tensor, base: Tensor, options: LoadOptions) -> Tensor:
 
 
 def _add_target(
-    weights: AdapterWeights, target: Target, tensors: Mapping[str, Tensor], module: nn.Module, options: LoadOptions
+    weights: AdapterWeights,
+    target: Target,
+    tensors: Mapping[str, Tensor],
+    module: nn.Module,
+    options: LoadOptions,
 ) -> None:
     base = module.weight
+    assert isinstance(base, Tensor)
     A, B = _place(tensors["A"], base, options), _place(tensors["B"], base, options)
     if target.kind is TargetKind.EMBEDDING:
         weights.embedding[target.name] = EmbeddingLora(A, B, target.scaling)
@@ -238,7 +244,9 @@ def _add_saved_module(
     weights.saved_modules[name] = replica
 
 
-def _is_unchanged_base(key: str, value: Tensor, base_params: Mapping[str, Tensor], problems: list[str]) -> bool:
+def _is_unchanged_base(
+    key: str, value: Tensor, base_params: Mapping[str, Tensor], problems: list[str]
+) -> bool:
     """A file may carry base weights (PEFT's save_embedding_layers). Equal to ours: harmless; else refuse."""
     name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
     base = base_params.get(name)
@@ -256,7 +264,15 @@ def _check_finite(weights: AdapterWeights) -> None:
         for name, lin in weights.linear.items()
         if not all(torch.isfinite(t).all() for t in (lin.A, lin.B, lin.bias) if t is not None)
     ]
-    bad += [n for n, e in weights.embedding.items() if not (torch.isfinite(e.A).all() and torch.isfinite(e.B).all())]
-    bad += [n for n, m in weights.saved_modules.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
+    bad += [
+        n
+        for n, e in weights.embedding.items()
+        if not (torch.isfinite(e.A).all() and torch.isfinite(e.B).all())
+    ]
+    bad += [
+        n
+        for n, m in weights.saved_modules.items()
+        if not all(torch.isfinite(p).all() for p in m.parameters())
+    ]
     if bad:
         raise CorruptAdapterError("adapter weights contain NaN or Inf", problems=[f"{n}" for n in bad])

@@ -4,11 +4,12 @@ A ``RoutingPlan`` says, for each wrapped module, how to add each row's LoRA delt
 pass through a ContextVar (``use_plan``), never stored on the model: two threads (or tasks) can run forwards
 with different plans, and the plan is gone when the ``with`` block exits, even if the forward raised.
 
-The per-row math (hot path of every decode step) has three strategies, benchmarked in bench/lora_routing.py:
-- ``UniformLinear``: every row uses one adapter: two thin matmuls.
-- ``GatheredLinear``: per-row A/B stacks gathered once per plan, one bmm pair per step (gather-bmm).
-- ``GroupedLinear``: one matmul pair per distinct adapter over its rows (PEFT's loop), for few adapters and
-  many rows, where per-row copies would cost more memory than they save time.
+The per-row math is the hot path of every decode step. bench/lora_routing.py measures gather-bmm against a
+loop over adapters (PEFT's mixed batch) and one wide masked matmul over stacked adapters; gather-bmm won in
+every case measured (BENCHMARKS.md), so two routes remain:
+- ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
+- ``GatheredLinear``: per-row A/B stacks gathered once per plan (per batch composition, not per step), then
+  one bmm and one fused baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ class UniformLinear(Route):
         self.bias = lora.bias * lora.scaling if lora.bias is not None else None
 
     def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
-        out = base_forward(x)
+        out = base_forward(x)  # (..., out)
         h = F.linear(x.to(self.A.dtype), self.A)  # (..., r)
+        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ B.T
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.B.T).view(
+                out.shape
+            )
         return _add_delta(out, F.linear(h, self.B, self.bias))
 
 
@@ -77,42 +82,35 @@ class GatheredLinear(Route):
     """Rows without this module's LoRA get zero weights, which adds exactly 0."""
 
     def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
-        r_max = max(lo.A.shape[0] for lo in row_loras if lo is not None)
-        dtype = _common_dtype(lo.A for lo in row_loras if lo is not None)
-        ref = next(lo for lo in row_loras if lo is not None)
-        n_in, n_out = ref.A.shape[1], ref.B.shape[0]
-        a_rows, b_rows, bias_rows = [], [], []
-        for lo in row_loras:
-            a = lo.A if lo is not None else ref.A.new_zeros(0, n_in)
-            b = lo.B * lo.scaling if lo is not None else ref.B.new_zeros(n_out, 0)
-            a_rows.append(F.pad(a.to(dtype), (0, 0, 0, r_max - a.shape[0])).T)  # (in, r_max)
-            b_rows.append(F.pad(b.to(dtype), (0, r_max - b.shape[1])).T)  # (r_max, out)
-            bias = lo.bias * lo.scaling if lo is not None and lo.bias is not None else None
-            bias_rows.append(bias.to(dtype) if bias is not None else ref.A.new_zeros(n_out, dtype=dtype))
-        self.At = torch.stack(a_rows)  # (N, in, r_max)
-        self.Bt = torch.stack(b_rows)  # (N, r_max, out)
-        has_bias = any(lo is not None and lo.bias is not None for lo in row_loras)
-        self.bias = torch.stack(bias_rows).unsqueeze(1) if has_bias else None  # (N, 1, out)
+        present = {id(lo): lo for lo in row_loras if lo is not None}
+        r_max = max(lo.A.shape[0] for lo in present.values())
+        dtype = _common_dtype([lo.A for lo in present.values()])
+        ref = next(iter(present.values()))
+        zero = LinearLora(
+            ref.A.new_zeros(r_max, ref.A.shape[1], dtype=dtype),
+            ref.B.new_zeros(ref.B.shape[0], r_max, dtype=dtype),
+            None,
+            0.0,
+        )
+        padded = {key: _padded(lo, r_max, dtype) for key, lo in present.items()}
+        rows = [padded[id(lo)] if lo is not None else zero for lo in row_loras]
+        scaling = torch.tensor([lo.scaling for lo in rows], dtype=dtype, device=ref.A.device)  # (N,)
+        # Laid out (N, in, r) and (N, r, out): contiguous operands measured faster in bmm than views.
+        self.At = torch.stack([lo.A for lo in rows]).transpose(1, 2).contiguous()  # (N, in, r_max)
+        self.Bt = (torch.stack([lo.B for lo in rows]) * scaling[:, None, None]).transpose(1, 2).contiguous()
+        self.bias: Tensor | None = None  # (N, 1, out)
+        if any(lo.bias is not None for lo in rows):
+            biases = [lo.bias if lo.bias is not None else zero.B.new_zeros(zero.B.shape[0]) for lo in rows]
+            self.bias = (torch.stack(biases).to(dtype) * scaling[:, None]).unsqueeze(1)
 
     def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
         out = base_forward(x)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (N, T, in)
         h = torch.bmm(x3, self.At)  # (N, T, r_max)
+        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
+            return torch.baddbmm(out.reshape(h.shape[0], h.shape[1], -1), h, self.Bt).view(out.shape)
         delta = torch.bmm(h, self.Bt) if self.bias is None else torch.baddbmm(self.bias, h, self.Bt)
         return _add_delta(out, delta.reshape(*out.shape))
-
-
-class GroupedLinear(Route):
-    def __init__(self, groups: Sequence[tuple[Tensor, UniformLinear]]) -> None:
-        self.groups = groups  # (row indices (n,), route for those rows)
-
-    def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
-        out = base_forward(x)
-        for rows, uniform in self.groups:
-            xs = x.index_select(0, rows).to(uniform.A.dtype)
-            delta = F.linear(F.linear(xs, uniform.A), uniform.B, uniform.bias)  # (n, ..., out)
-            out = out.index_add(0, rows, delta.to(out.dtype))  # PEFT's mixed batch casts before adding
-        return out
 
 
 class RoutedEmbedding(Route):
@@ -171,6 +169,16 @@ class SavedModules(Route):
         return out
 
 
+def _padded(lora: LinearLora, r_max: int, dtype: torch.dtype) -> LinearLora:
+    """Zero-pad the rank to r_max (zero rows of A / columns of B add exactly nothing)."""
+    pad = r_max - lora.A.shape[0]
+    if pad == 0 and lora.A.dtype == dtype:
+        return lora
+    return LinearLora(
+        F.pad(lora.A.to(dtype), (0, 0, 0, pad)), F.pad(lora.B.to(dtype), (0, pad)), lora.bias, lora.scaling
+    )
+
+
 def _common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
     dtype: torch.dtype | None = None
     for t in tensors:
@@ -179,23 +187,11 @@ def _common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
-# Below this many rows per distinct adapter, per-row gathered stacks beat a loop over adapters.
-GROUPED_MIN_ROWS_PER_ADAPTER = 4
-
-
 def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
-    distinct = {id(lo): lo for lo in row_loras}
-    if len(distinct) == 1 and row_loras[0] is not None:
-        return UniformLinear(row_loras[0])
-    loras = [lo for lo in distinct.values() if lo is not None]
-    if len(row_loras) >= GROUPED_MIN_ROWS_PER_ADAPTER * len(distinct):
-        device = loras[0].A.device
-        return GroupedLinear(
-            [
-                (torch.tensor([i for i, r in enumerate(row_loras) if r is lo], device=device), UniformLinear(lo))
-                for lo in loras
-            ]
-        )
+    """Uniform when one adapter covers every row, else gather-bmm (fastest in bench/lora_routing.py)."""
+    first = row_loras[0]
+    if first is not None and all(lo is first for lo in row_loras):
+        return UniformLinear(first)
     return GatheredLinear(row_loras)
 
 

@@ -1,0 +1,121 @@
+"""Per-row LoRA strategies side by side, on one Llama-sized projection (the engine's hot path).
+
+    make bench-routing      # or: python -m bench.lora_routing
+
+Compares, for a batch whose rows use different adapters, the time of one wrapped projection:
+- base only (no LoRA) — the floor;
+- grouped: one matmul pair per distinct adapter over its rows (PEFT's mixed-batch loop);
+- gathered: per-row A/B stacks gathered once per batch composition, one bmm pair per step (gather-bmm);
+- wide: all distinct adapters' A concatenated, one wide matmul, rows masked to their own block, then B.
+The loser strategies live here only, as the measured alternatives to what core/routing.py keeps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from core.lora_weights import LinearLora
+from core.routing import GatheredLinear, UniformLinear
+
+Step = Callable[[], torch.Tensor]
+
+
+def grouped_loop(
+    x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]
+) -> Step:
+    """PEFT's _mixed_batch_forward: per distinct adapter, gather its rows, two matmuls, scatter-add."""
+    groups = [
+        (torch.tensor([i for i, s in enumerate(row_slot) if s == u]), UniformLinear(lo))
+        for u, lo in enumerate(loras)
+    ]
+
+    def step() -> torch.Tensor:
+        out = base(x)
+        for rows, lo in groups:
+            delta = F.linear(F.linear(x.index_select(0, rows), lo.A), lo.B)
+            out = out.index_add(0, rows, delta)
+        return out
+
+    return step
+
+
+def wide_masked(x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]) -> Step:
+    r = loras[0].A.shape[0]
+    a_cat = torch.cat([lo.A for lo in loras])  # (U*r, in)
+    b_cat = torch.cat([lo.B * lo.scaling for lo in loras], dim=1)  # (out, U*r)
+    mask = torch.zeros(len(row_slot), 1, len(loras) * r)  # (N, 1, U*r)
+    for row, slot in enumerate(row_slot):
+        mask[row, :, slot * r : (slot + 1) * r] = 1.0
+
+    def step() -> torch.Tensor:
+        return base(x) + F.linear(F.linear(x, a_cat) * mask, b_cat)
+
+    return step
+
+
+def time_step(step: Step, *, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(d_in, d_out, bias=False)
+    loras = [
+        LinearLora(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0)
+        for _ in range(adapters)
+    ]
+    row_slot = [i % adapters for i in range(rows)]
+    row_loras = [loras[s] for s in row_slot]
+    x = torch.randn(rows, tokens, d_in)
+    forward = base.forward
+    gathered = GatheredLinear(row_loras)
+    steps: dict[str, Step] = {
+        "base": lambda: base(x),
+        "grouped": grouped_loop(x, base, loras, row_slot),
+        "gathered": lambda: gathered.forward(base, x, forward),
+        "wide": wide_masked(x, base, loras, row_slot),
+    }
+    reference = steps["grouped"]()
+    for name in ("gathered", "wide"):
+        assert torch.allclose(steps[name](), reference, atol=1e-4), name
+    with torch.no_grad():
+        results = {name: [] for name in steps}
+        for _ in range(5):  # interleaved rounds: the machine is noisy
+            for name, step in steps.items():
+                results[name].append(time_step(step, repeats=repeats))
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    print(f"{'case':44} {'base':>9} {'grouped':>9} {'gathered':>9} {'wide':>9}   (µs per projection)")
+    cases = [
+        ("decode 8 rows x 8 adapters, 512->512", dict(rows=8, tokens=1, adapters=8, d_in=512, d_out=512)),
+        ("decode 8 rows x 8 adapters, 512->1376", dict(rows=8, tokens=1, adapters=8, d_in=512, d_out=1376)),
+        (
+            "prefill 8x32 tokens x 8 adapters, 512->512",
+            dict(rows=8, tokens=32, adapters=8, d_in=512, d_out=512),
+        ),
+        ("decode 64 rows x 64 adapters, 512->512", dict(rows=64, tokens=1, adapters=64, d_in=512, d_out=512)),
+        ("decode 64 rows x 2 adapters, 512->512", dict(rows=64, tokens=1, adapters=2, d_in=512, d_out=512)),
+        ("decode 64 rows x 8 adapters, 512->512", dict(rows=64, tokens=1, adapters=8, d_in=512, d_out=512)),
+    ]
+    for label, kwargs in cases:
+        t = compare(r=16, repeats=50, **kwargs)
+        print(
+            f"{label:44} " + " ".join(f"{t[k] * 1e6:9.1f}" for k in ("base", "grouped", "gathered", "wide"))
+        )
+
+
+if __name__ == "__main__":
+    main()
