@@ -1,0 +1,313 @@
+"""The generation engine: one thread owns the model and decodes every running request in one batch.
+
+Each loop iteration (a *step*): drop cancelled rows, admit queued requests (prefill them together, sample
+their first token, merge their KV cache into the batch), then one decode forward for all rows, whatever
+adapter each uses (per-row routing plan, rebuilt only when the batch composition changes). Events go to each
+request's channel as they are produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from core import kv_batch
+from core.adapter import LoadedAdapter
+from core.adapter_manager import AdapterManager
+from core.errors import CapacityExceededError, InvalidArgumentError, LoramuxError
+from core.requests import AdapterSelection, EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta
+from core.routing import RoutingPlan, use_plan
+from core.sampling import RowSampler, sample_next_tokens
+from core.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class ShuttingDownError(LoramuxError):
+    """The engine no longer accepts requests (draining or closed)."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class EngineFailure(LoramuxError):
+    """A forward pass failed; every row of that batch is ended with this (details in the server log)."""
+
+    reason = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_rows: int = 32
+    max_queued: int = 256
+    max_prompt_tokens: int = 2048
+    max_total_tokens: int = 4096  # prompt + new tokens, per request
+    default_max_new_tokens: int = 256
+    max_new_tokens_ceiling: int = 2048
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    channel: EventChannel
+    adapter: LoadedAdapter | None
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampler: RowSampler
+    text: TextStream
+    generated: int = 0
+    last_token: int = -1
+    finish: FinishReason | None = None
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer, manager: AdapterManager, config: EngineConfig) -> None:  # noqa: ANN001
+        self.model, self.tokenizer, self.manager, self.config = model, tokenizer, manager, config
+        self._eos = _eos_ids(model, tokenizer)
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        self._device = next(model.parameters()).device
+        self._queue: queue.Queue[_Row | None] = queue.Queue()
+        self._accepting = True
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: Tensor | None = None
+        self._plan: RoutingPlan | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any thread) ---------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> EventChannel:
+        """Validate and enqueue; errors for bad input, unknown adapters and full queues raise right here."""
+        if not self._accepting:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        row = self._admit_row(request)
+        if self._queue.qsize() >= self.config.max_queued:
+            raise CapacityExceededError(f"the queue holds {self.config.max_queued} requests already", field="queue")
+        self._queue.put(row)
+        return row.channel
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Stop the engine thread; anything still queued or running ends with ShuttingDownError."""
+        self._accepting = False
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _admit_row(self, request: GenerationRequest) -> _Row:
+        prompt_ids = self._tokenize(request)
+        cfg = self.config
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty", field="input")
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            raise CapacityExceededError(
+                f"prompt has {len(prompt_ids)} tokens, more than the limit {cfg.max_prompt_tokens}", field="input"
+            )
+        max_new = request.max_new_tokens if request.max_new_tokens is not None else cfg.default_max_new_tokens
+        if not 1 <= max_new <= cfg.max_new_tokens_ceiling:
+            raise InvalidArgumentError(
+                f"max_new_tokens must be in [1, {cfg.max_new_tokens_ceiling}] (got {max_new})",
+                field="stopping.max_new_tokens",
+            )
+        if len(prompt_ids) + max_new > cfg.max_total_tokens:
+            raise CapacityExceededError(
+                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds {cfg.max_total_tokens} tokens",
+                field="stopping.max_new_tokens",
+            )
+        adapter = self._resolve_adapter(request.adapter)
+        return _Row(
+            request=request,
+            channel=EventChannel(),
+            adapter=adapter,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            sampler=RowSampler(request.sampling, prompt_ids=prompt_ids),
+            text=TextStream(self.tokenizer, stops=request.stop),
+        )
+
+    def _resolve_adapter(self, choice: str | AdapterSelection) -> LoadedAdapter | None:
+        if choice is AdapterSelection.BASE:
+            return None
+        if choice is AdapterSelection.DEFAULT:
+            return self.manager.resolve_default()
+        return self.manager.acquire(choice)
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if request.apply_chat_template:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+                return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        vocab = self.model.get_input_embeddings().num_embeddings
+        ids = list(prompt)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field="token_ids")
+        return ids
+
+    # -- engine thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            stop = self._take_new(block=not self._rows)
+            self._drop_finished()
+            try:
+                with torch.no_grad():
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # a bug or OOM: end this batch's rows, keep serving
+                log.exception("decode step failed")
+                self._fail_all(EngineFailure("generation failed inside the engine"), exc)
+            self._drop_finished()
+        self._fail_all(ShuttingDownError("the server shut down before this request finished"), None)
+        self._drain_queue()
+
+    def _take_new(self, *, block: bool) -> bool:
+        """Admit queued requests up to the row limit. Returns True when asked to stop."""
+        new: list[_Row] = []
+        stop = False
+        while len(self._rows) + len(new) < self.config.max_batch_rows:
+            try:
+                row = self._queue.get(block=block and not new)
+            except queue.Empty:
+                break
+            if row is None:
+                stop = True
+                break
+            if not row.channel.cancelled.is_set():
+                new.append(row)
+        if new:
+            try:
+                with torch.no_grad():
+                    self._prefill(new)
+            except Exception as exc:
+                log.exception("prefill failed")
+                for row in new:
+                    row.channel.put(EngineFailure("generation failed inside the engine"))
+        return stop
+
+    def _prefill(self, new: list[_Row]) -> None:
+        ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
+        cache = DynamicCache()
+        with use_plan(self.manager.plan([r.adapter for r in new])):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=kv_batch.prefill_positions(mask),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+        else:
+            self._mask = kv_batch.merge(self._cache, self._mask, cache, mask)
+        self._rows.extend(new)
+        self._plan = None  # composition changed
+        self._emit(new, out.logits[:, -1, :])
+
+    def _decode_step(self) -> None:
+        assert self._cache is not None and self._mask is not None
+        rows = self._rows
+        if self._plan is None:
+            self._plan = self.manager.plan([r.adapter for r in rows])
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
+        positions = kv_batch.next_positions(self._mask)  # (N, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        with use_plan(self._plan):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        self.steps += 1
+        self._emit(rows, out.logits[:, -1, :])
+
+    def _emit(self, rows: Sequence[_Row], logits: Tensor) -> None:
+        """Sample one token per row (N, V) -> events; marks rows that finished."""
+        tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
+        for row, token in zip(rows, tokens, strict=True):
+            row.last_token = token
+            row.generated += 1
+            is_eos = token in self._eos and not row.request.ignore_eos
+            delta, stopped = row.text.push(token) if not is_eos else ("", False)
+            if stopped:
+                row.finish = FinishReason.STOP_SEQUENCE
+            elif is_eos:
+                row.finish = FinishReason.EOS
+            elif row.generated >= row.max_new_tokens:
+                row.finish = FinishReason.LENGTH
+            if row.finish is not None and row.finish is not FinishReason.STOP_SEQUENCE:
+                delta += row.text.flush()
+                if row.text.stopped:
+                    row.finish = FinishReason.STOP_SEQUENCE
+            token_ids = () if is_eos or stopped else (token,)
+            if delta or token_ids:
+                row.channel.put(TokenDelta(text=delta, token_ids=token_ids))
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r.finish is None and not r.channel.cancelled.is_set()]
+        if len(keep) == len(self._rows):
+            return
+        for row in self._rows:
+            if row.finish is not None:
+                row.channel.put(
+                    Finished(
+                        reason=row.finish,
+                        prompt_tokens=len(row.prompt_ids),
+                        completion_tokens=row.generated,
+                        adapter=row.adapter.name if row.adapter is not None else None,
+                    )
+                )
+        self._rows = [self._rows[i] for i in keep]
+        self._plan = None
+        if not self._rows:
+            self._cache, self._mask = None, None
+        else:
+            assert self._cache is not None and self._mask is not None
+            self._mask = kv_batch.select_rows(self._cache, self._mask, keep)
+
+    def _fail_all(self, error: LoramuxError, cause: BaseException | None) -> None:
+        for row in self._rows:
+            error.__cause__ = cause
+            row.channel.put(error)
+        self._rows, self._cache, self._mask, self._plan = [], None, None, None
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                row = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if row is not None:
+                row.channel.put(ShuttingDownError("the server shut down before this request started"))
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:  # noqa: ANN001
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {int(eos)}

@@ -1,0 +1,68 @@
+"""Batch bookkeeping for continuous batching over a transformers KV cache: small pure functions.
+
+The running batch is left-padded: every row's tokens end at the last column, and ``mask`` (N, S) marks real
+tokens with 1. Rows join by merging a freshly prefilled cache (padding the shorter one on the left) and leave
+by selecting the remaining rows, after which columns that are padding in every row are dropped. Positions
+are explicit (``mask.sum``), so padding never shifts a row's rotary or absolute positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache
+
+
+def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token lists -> ids (N, T) and mask (N, T), right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def prefill_positions(mask: Tensor) -> Tensor:
+    """(N, T) position of each token within its own row; padding gets 0 (it is masked anyway)."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def next_positions(mask: Tensor) -> Tensor:
+    """(N, 1) position of the token each row feeds next: how many real tokens it has so far."""
+    return mask.sum(dim=1, keepdim=True)
+
+
+def _pad_seq_left(t: Tensor, extra: int) -> Tensor:
+    # (N, H, S, D) -> (N, H, extra + S, D)
+    return F.pad(t, (0, 0, extra, 0)) if extra else t
+
+
+def merge(cache_a: DynamicCache, mask_a: Tensor, cache_b: DynamicCache, mask_b: Tensor) -> Tensor:
+    """Append cache_b's rows to cache_a in place; returns the merged mask (N_a + N_b, S)."""
+    width = max(mask_a.shape[1], mask_b.shape[1])
+    extra_a, extra_b = width - mask_a.shape[1], width - mask_b.shape[1]
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
+        keys_a, values_a = layer_a.keys, layer_a.values
+        keys_b, values_b = layer_b.keys, layer_b.values
+        assert keys_a is not None and values_a is not None and keys_b is not None and values_b is not None
+        layer_a.keys = torch.cat([_pad_seq_left(keys_a, extra_a), _pad_seq_left(keys_b, extra_b)])
+        layer_a.values = torch.cat([_pad_seq_left(values_a, extra_a), _pad_seq_left(values_b, extra_b)])
+    return torch.cat([F.pad(mask_a, (extra_a, 0)), F.pad(mask_b, (extra_b, 0))])
+
+
+def select_rows(cache: DynamicCache, mask: Tensor, keep: Sequence[int]) -> Tensor:
+    """Keep only rows ``keep`` (in that order) in place; drop all-padding columns. Returns the new mask."""
+    index = torch.tensor(list(keep), dtype=torch.long, device=mask.device)
+    mask = mask.index_select(0, index)
+    first = int(mask.any(dim=0).long().argmax()) if mask.numel() else 0  # first column some row uses
+    for layer in cache.layers:
+        assert layer.keys is not None and layer.values is not None
+        layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+        layer.values = layer.values.index_select(0, index)[:, :, first:]
+    return mask[:, first:]

@@ -1,0 +1,102 @@
+"""What a caller asks the engine for and what it gets back: plain types, no tensors, no grpc."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from core.errors import LoramuxError
+from core.sampling import SamplingParams
+
+
+class AdapterSelection(enum.Enum):
+    """Symbolic adapter choices; a plain ``str`` names an adapter."""
+
+    DEFAULT = "default"  # whatever the manager's default is when the request is admitted
+    BASE = "base"  # the bare base model
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | Sequence[int]  # text (tokenized with the model's tokenizer) or token ids
+    adapter: str | AdapterSelection = AdapterSelection.DEFAULT
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = None  # None: the engine's default
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    apply_chat_template: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    text: str  # new text only; may be "" while a multi-byte character or a possible stop is held back
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str | None  # the adapter the request ran with (None: the base model)
+
+
+GenerationEvent = TokenDelta | Finished
+
+_END = object()
+
+
+class EventChannel:
+    """Engine thread -> one consumer, sync or asyncio. Ends with Finished, or with an error raised."""
+
+    def __init__(self) -> None:
+        self._sync: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async: asyncio.Queue[object] | None = None
+        self.cancelled = threading.Event()
+
+    def put(self, item: GenerationEvent | LoramuxError | BaseException) -> None:
+        with self._lock:
+            if self._loop is not None and self._async is not None:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            else:
+                self._sync.put(item)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves the batch within one decode step."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[GenerationEvent]:
+        while True:
+            item = self._sync.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+            if isinstance(item, Finished):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        with self._lock:  # switch delivery to the loop, keeping what already arrived
+            self._loop = asyncio.get_running_loop()
+            self._async = asyncio.Queue()
+            while not self._sync.empty():
+                self._async.put_nowait(self._sync.get())
+        while True:
+            item = await self._async.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+            if isinstance(item, Finished):
+                return
