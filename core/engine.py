@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,12 @@ class ShuttingDownError(LoramuxError):
     """The engine no longer accepts requests (draining or closed)."""
 
     reason = "SHUTTING_DOWN"
+
+
+class RequestCancelledError(LoramuxError):
+    """Ends the event stream of a request that was cancelled."""
+
+    reason = "CANCELLED"
 
 
 class EngineFailure(LoramuxError):
@@ -67,8 +73,17 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer, manager: AdapterManager, config: EngineConfig) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,  # noqa: ANN001 - a transformers tokenizer
+        manager: AdapterManager,
+        config: EngineConfig,
+        *,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.manager, self.config = model, tokenizer, manager, config
+        self._on_step = on_step  # called on the engine thread with the batch size of each decode step
         self._eos = _eos_ids(model, tokenizer)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
         self._device = next(model.parameters()).device
@@ -97,6 +112,12 @@ class Engine:
     @property
     def running_rows(self) -> int:
         return len(self._rows)
+
+    @property
+    def cached_rows(self) -> int:
+        """Rows held in the KV cache (equals running_rows between steps)."""
+        cache = self._cache
+        return 0 if cache is None or not cache.layers else int(cache.layers[0].keys.shape[0])  # type: ignore[union-attr]
 
     @property
     def queued(self) -> int:
@@ -160,7 +181,9 @@ class Engine:
         ids = list(prompt)
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field="token_ids")
+            raise InvalidArgumentError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field="token_ids"
+            )
         return ids
 
     # -- engine thread --------------------------------------------------------------------------------
@@ -193,7 +216,9 @@ class Engine:
             if row is None:
                 stop = True
                 break
-            if not row.channel.cancelled.is_set():
+            if row.channel.cancelled.is_set():
+                row.channel.put(RequestCancelledError("the request was cancelled before it started"))
+            else:
                 new.append(row)
         if new:
             try:
@@ -242,6 +267,8 @@ class Engine:
                 use_cache=True,
             )
         self.steps += 1
+        if self._on_step is not None:
+            self._on_step(len(rows))
         self._emit(rows, out.logits[:, -1, :])
 
     def _emit(self, rows: Sequence[_Row], logits: Tensor) -> None:
@@ -271,7 +298,9 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         for row in self._rows:
-            if row.finish is not None:
+            if row.finish is None and row.channel.cancelled.is_set():
+                row.channel.put(RequestCancelledError("the request was cancelled"))
+            elif row.finish is not None:
                 row.channel.put(
                     Finished(
                         reason=row.finish,
