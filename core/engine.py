@@ -76,7 +76,7 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,  # noqa: ANN001 - a transformers tokenizer
+        tokenizer,
         manager: AdapterManager,
         config: EngineConfig,
         *,
@@ -87,6 +87,7 @@ class Engine:
         self._eos = _eos_ids(model, tokenizer)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
         self._device = next(model.parameters()).device
+        self._vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
         self._queue: queue.Queue[_Row | None] = queue.Queue()
         self._accepting = True
         self._rows: list[_Row] = []
@@ -177,7 +178,7 @@ class Engine:
                 ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
                 return list(ids["input_ids"] if isinstance(ids, dict) else ids)
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = self._vocab_size
         ids = list(prompt)
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
@@ -224,7 +225,7 @@ class Engine:
             try:
                 with torch.no_grad():
                     self._prefill(new)
-            except Exception as exc:
+            except Exception:
                 log.exception("prefill failed")
                 for row in new:
                     row.channel.put(EngineFailure("generation failed inside the engine"))
@@ -333,7 +334,7 @@ class Engine:
                 row.channel.put(ShuttingDownError("the server shut down before this request started"))
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:  # noqa: ANN001
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id

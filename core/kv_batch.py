@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -43,14 +44,27 @@ def _pad_seq_left(t: Tensor, extra: int) -> Tensor:
     return F.pad(t, (0, 0, extra, 0)) if extra else t
 
 
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's per-layer key/value holders; continuous batching needs plain growable layers."""
+    layers = list(cache.layers)
+    for layer in layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise TypeError(f"continuous batching needs DynamicLayer caches, got {type(layer).__name__}")
+    return layers  # type: ignore[return-value]
+
+
+def _kv(layer: DynamicLayer) -> tuple[Tensor, Tensor]:
+    keys, values = layer.keys, layer.values
+    assert keys is not None and values is not None  # checked by _layers
+    return keys, values
+
+
 def merge(cache_a: DynamicCache, mask_a: Tensor, cache_b: DynamicCache, mask_b: Tensor) -> Tensor:
     """Append cache_b's rows to cache_a in place; returns the merged mask (N_a + N_b, S)."""
     width = max(mask_a.shape[1], mask_b.shape[1])
     extra_a, extra_b = width - mask_a.shape[1], width - mask_b.shape[1]
-    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
-        keys_a, values_a = layer_a.keys, layer_a.values
-        keys_b, values_b = layer_b.keys, layer_b.values
-        assert keys_a is not None and values_a is not None and keys_b is not None and values_b is not None
+    for layer_a, layer_b in zip(_layers(cache_a), _layers(cache_b), strict=True):
+        (keys_a, values_a), (keys_b, values_b) = _kv(layer_a), _kv(layer_b)
         layer_a.keys = torch.cat([_pad_seq_left(keys_a, extra_a), _pad_seq_left(keys_b, extra_b)])
         layer_a.values = torch.cat([_pad_seq_left(values_a, extra_a), _pad_seq_left(values_b, extra_b)])
     return torch.cat([F.pad(mask_a, (extra_a, 0)), F.pad(mask_b, (extra_b, 0))])
@@ -61,8 +75,8 @@ def select_rows(cache: DynamicCache, mask: Tensor, keep: Sequence[int]) -> Tenso
     index = torch.tensor(list(keep), dtype=torch.long, device=mask.device)
     mask = mask.index_select(0, index)
     first = int(mask.any(dim=0).long().argmax()) if mask.numel() else 0  # first column some row uses
-    for layer in cache.layers:
-        assert layer.keys is not None and layer.values is not None
-        layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-        layer.values = layer.values.index_select(0, index)[:, :, first:]
+    for layer in _layers(cache):
+        keys, values = _kv(layer)
+        layer.keys = keys.index_select(0, index)[:, :, first:]
+        layer.values = values.index_select(0, index)[:, :, first:]
     return mask[:, first:]
