@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
-.PHONY: venv test test-all lint bench bench-adapters bench-routing proto run clean
+.PHONY: venv test test-all lint bench bench-adapters bench-routing proto proto-lint proto-check run clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,33 @@ bench-adapters: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(PY) -m bench.lora_routing
+
+# gRPC contract: protos/loramux/v1/*.proto -> clients/loramux/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py.
+# The stubs are committed and never edited by hand: change the .proto, run `make proto`, commit both.
+# The proto tree mirrors the Python package (-Iprotos), so the stubs import `from loramux.v1 import ...`
+# as generated. grpcio-tools is pinned in pyproject.toml: its bundled protoc writes gencode that the pinned
+# protobuf runtime accepts (tests/clients/test_stubs_fresh.py checks both, and that the stubs are fresh).
+PROTOS := $(sort $(wildcard protos/loramux/v1/*.proto))
+PROTOC = $(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --grpc_python_out=$(1) --pyi_out=$(1)
+BUF := $(VENV)/bin/buf
+
+proto: $(STAMP)
+	rm -f clients/loramux/v1/*_pb2.py clients/loramux/v1/*_pb2.pyi clients/loramux/v1/*_pb2_grpc.py
+	$(call PROTOC,clients) $(PROTOS)
+
+# buf is only a linter here (codegen stays with grpc_tools); PyPI's buf-bin ships the binary.
+$(BUF): $(STAMP)
+	$(PY) -m pip install -q --force-reinstall --no-deps buf-bin==1.75.0
+	touch $@
+
+# buf lint with STANDARD + COMMENTS (protos/buf.yaml): naming, one request/response per RPC, a comment on
+# every element.
+proto-lint: $(BUF)
+	$(BUF) lint protos
+
+# CI-ready: lint, then fail if the committed stubs differ from what `make proto` would write.
+proto-check: proto-lint
+	$(PY) -m pytest -q tests/clients
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

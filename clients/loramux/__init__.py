@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the loramux API (protos/loramux/). Written by `make proto`; never edit by hand."""
