@@ -17,55 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from bench.common import N_ADAPTERS, llama_512, make_adapters, median_time
 from core.adapter_manager import AdapterManager
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-N_ADAPTERS = 8
-
-
-def llama_512() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def make_adapters(base: LlamaForCausalLM, folder: Path) -> list[Path]:
-    from peft import LoraConfig, get_peft_model
-
-    paths = []
-    for i in range(N_ADAPTERS):
-        torch.manual_seed(100 + i)
-        peft_model = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS, init_lora_weights=False),
-        )
-        # init_lora_weights=False gives B a real value too; scale it down to a realistic delta
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(0.01)
-        paths.append(folder / f"adapter{i}")
-        peft_model.save_pretrained(paths[-1])
-    return paths
-
-
-def median_time(fn: Callable[[], object], *, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def bench_load(base: LlamaForCausalLM, paths: list[Path]) -> tuple[float, float]:

@@ -25,13 +25,10 @@ from core.routing import GatheredLinear, UniformLinear
 Step = Callable[[], torch.Tensor]
 
 
-def grouped_loop(
-    x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]
-) -> Step:
+def grouped_loop(x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]) -> Step:
     """PEFT's _mixed_batch_forward: per distinct adapter, gather its rows, two matmuls, scatter-add."""
     groups = [
-        (torch.tensor([i for i, s in enumerate(row_slot) if s == u]), UniformLinear(lo))
-        for u, lo in enumerate(loras)
+        (torch.tensor([i for i, s in enumerate(row_slot) if s == u]), UniformLinear(lo)) for u, lo in enumerate(loras)
     ]
 
     def step() -> torch.Tensor:
@@ -70,10 +67,7 @@ def time_step(step: Step, *, repeats: int) -> float:
 def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int, repeats: int) -> dict:
     torch.manual_seed(0)
     base = torch.nn.Linear(d_in, d_out, bias=False)
-    loras = [
-        LinearLora(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0)
-        for _ in range(adapters)
-    ]
+    loras = [LinearLora(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0) for _ in range(adapters)]
     row_slot = [i % adapters for i in range(rows)]
     row_loras = [loras[s] for s in row_slot]
     x = torch.randn(rows, tokens, d_in)
@@ -112,9 +106,7 @@ def main() -> None:
     ]
     for label, kwargs in cases:
         t = compare(r=16, repeats=50, **kwargs)
-        print(
-            f"{label:44} " + " ".join(f"{t[k] * 1e6:9.1f}" for k in ("base", "grouped", "gathered", "wide"))
-        )
+        print(f"{label:44} " + " ".join(f"{t[k] * 1e6:9.1f}" for k in ("base", "grouped", "gathered", "wide")))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""Engine benchmark: throughput ratios measured side by side in one run, and latency under load.
+
+    make bench-engine       # or: python -m bench.engine   (part of `make bench`)
+
+Workload (issue #3): Llama-shaped model (hidden 512, 8 layers, vocab 8192), adapters r=16 on all seven
+projections; 8 concurrent requests of 32 prompt tokens, 64 new tokens each, greedy, ignore_eos. Each
+configuration runs ROUNDS times, interleaved with the others; the median throughput is compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.common import bpe_tokenizer, clone_adapters, llama_512, make_adapters
+from core.adapter_manager import AdapterManager
+from core.engine import Engine, EngineConfig
+from core.requests import AdapterSelection, GenerationRequest, TokenDelta
+
+PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 3
+
+
+def prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(1, 8192, (count, PROMPT_TOKENS), generator=generator).tolist()
+
+
+def run_engine(engine: Engine, adapters: list[str | AdapterSelection], *, latencies: dict | None = None) -> float:
+    """Submit one request per adapter entry at once; returns generated tokens per second."""
+    start = time.perf_counter()
+    channels = [
+        engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        for p, a in zip(prompts(len(adapters)), adapters, strict=True)
+    ]
+    stamps: list[list[float]] = [[] for _ in channels]
+
+    async def consume(i: int) -> None:  # one event loop consumes every stream, as the aio server does
+        async for event in channels[i]:
+            if isinstance(event, TokenDelta):
+                stamps[i].append(time.perf_counter())
+
+    async def consume_all() -> None:
+        await asyncio.gather(*(consume(i) for i in range(len(channels))))
+
+    asyncio.run(consume_all())
+    elapsed = time.perf_counter() - start
+    assert all(len(s) == NEW_TOKENS for s in stamps), "every request streams one event per token"
+    if latencies is not None:
+        latencies.setdefault("ttft", []).extend(s[0] - start for s in stamps)
+        latencies.setdefault("itl", []).extend(b - a for s in stamps for a, b in zip(s, s[1:], strict=False))
+    return len(adapters) * NEW_TOKENS / elapsed
+
+
+def hf_generate(model: torch.nn.Module, **kwargs: object) -> Callable[[], float]:
+    ids = torch.tensor(prompts(ROWS))
+
+    def run() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+        return ROWS * NEW_TOKENS / (time.perf_counter() - start)
+
+    return run
+
+
+def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:  # noqa: ANN001
+    rows = prompts(ROWS)
+
+    def run() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name, prompt in zip(names, rows, strict=True):
+                peft_model.set_adapter(name)
+                peft_model.generate(
+                    input_ids=torch.tensor([prompt]),
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                )
+        return ROWS * NEW_TOKENS / (time.perf_counter() - start)
+
+    return run
+
+
+def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int) -> tuple[Engine, list[str]]:  # noqa: ANN001
+    model = copy.deepcopy(base)
+    manager = AdapterManager(model, max_adapters=max(len(paths), 1))
+    names = []
+    for i, path in enumerate(paths):
+        manager.load_adapter(str(path), f"a{i}")
+        names.append(f"a{i}")
+    return Engine(model, tokenizer, manager, EngineConfig(max_batch_rows=max_rows)), names
+
+
+def measure(cases: dict[str, Callable[[], float]]) -> dict[str, float]:
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for case in cases.values():
+        case()  # warm-up
+    for _ in range(ROUNDS):
+        for name, case in cases.items():
+            samples[name].append(case())
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main() -> None:
+    from peft import PeftModel
+
+    torch.set_num_threads(2)
+    base = llama_512()
+    tokenizer = bpe_tokenizer(8192)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_adapters(base, Path(tmp))
+        clones = clone_adapters(paths[0], Path(tmp) / "clones", 64)
+        eng8, names = engine_with(base, tokenizer, paths, max_rows=64)
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=names[0]).eval()
+        for name, path in zip(names[1:], paths[1:], strict=True):
+            peft_model.load_adapter(str(path), name)
+        cases = {
+            "engine 8 distinct adapters": lambda: run_engine(eng8, names),
+            "engine no adapters": lambda: run_engine(eng8, [AdapterSelection.BASE] * ROWS),
+            "transformers generate": hf_generate(base),
+            "peft mixed-batch generate": hf_generate(peft_model, adapter_names=names),
+            "peft sequential set_adapter+generate": peft_sequential(peft_model, names),
+        }
+        tput = measure(cases)
+        eng8.close()
+        eng64, names64 = engine_with(base, tokenizer, clones, max_rows=64)
+        latencies: dict[str, list[float]] = {}
+        tput64 = measure(
+            {
+                "64 requests, 64 distinct adapters": lambda: run_engine(eng64, names64, latencies=latencies),
+                "64 requests, one shared adapter": lambda: run_engine(eng64, [names64[0]] * 64),
+            }
+        )
+        eng64.close()
+    report(tput, tput64, latencies)
+
+
+def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str, list[float]]) -> None:
+    print(f"== throughput, generated tokens/s (median of {ROUNDS} interleaved rounds)")
+    for name, value in {**tput, **tput64}.items():
+        print(f"{name:40} {value:8.1f}")
+    ours = tput["engine 8 distinct adapters"]
+    ratios = [
+        ("8 distinct adapters vs engine without adapters", ours / tput["engine no adapters"], 0.85),
+        ("engine without adapters vs transformers generate", tput["engine no adapters"] / tput["transformers generate"], 1.0),
+        ("8 distinct adapters vs peft mixed-batch generate", ours / tput["peft mixed-batch generate"], 3.5),
+        ("8 distinct adapters vs peft sequential", ours / tput["peft sequential set_adapter+generate"], 6.0),
+        (
+            "64 distinct adapters vs 64 on one adapter",
+            tput64["64 requests, 64 distinct adapters"] / tput64["64 requests, one shared adapter"],
+            0.8,
+        ),
+    ]
+    print("== ratios")
+    for label, ratio, goal in ratios:
+        print(f"{label:52} {ratio:6.2f}x  (goal >= {goal}x) {'ok' if ratio >= goal else 'MISSED'}")
+    print("== latency, 64 concurrent requests over 64 adapters")
+    for key, label in (("ttft", "time to first token"), ("itl", "inter-token latency")):
+        values = sorted(latencies[key])
+        p50, p99 = values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
+        print(f"{label:22} p50 {p50 * 1e3:8.1f} ms   p99 {p99 * 1e3:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
