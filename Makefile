@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
-.PHONY: venv test test-all lint bench bench-adapters bench-routing proto proto-lint proto-check run clean
+.PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine proto proto-lint proto-check run clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check core service tests bench
 	$(PY) -m mypy
 
-bench: bench-adapters bench-routing
+bench: bench-adapters bench-routing bench-engine
+
+bench-engine: $(STAMP)
+	$(PY) -m bench.engine
 
 bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager

@@ -175,9 +175,17 @@ class Engine:
         prompt = request.prompt
         if isinstance(prompt, str):
             if request.apply_chat_template:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise InvalidArgumentError(
+                        "this model's tokenizer has no chat template", field="apply_chat_template"
+                    )
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
+                )
                 return list(ids["input_ids"] if isinstance(ids, dict) else ids)
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if request.apply_chat_template:
+            raise InvalidArgumentError("apply_chat_template needs a text prompt", field="apply_chat_template")
         vocab = self._vocab_size
         ids = list(prompt)
         bad = [i for i in ids if not 0 <= i < vocab]
@@ -308,6 +316,9 @@ class Engine:
                         prompt_tokens=len(row.prompt_ids),
                         completion_tokens=row.generated,
                         adapter=row.adapter.name if row.adapter is not None else None,
+                        adapter_version=row.adapter.version if row.adapter is not None else 0,
+                        stop_sequence=row.text.matched_stop,
+                        seed=None if row.request.sampling.greedy else row.sampler.seed,
                     )
                 )
         self._rows = [self._rows[i] for i in keep]

@@ -50,6 +50,9 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None  # the adapter the request ran with (None: the base model)
+    adapter_version: int = 0  # that adapter's version (bumps on replace); 0 for the base model
+    stop_sequence: str | None = None  # the stop string that ended the text, for STOP_SEQUENCE
+    seed: int | None = None  # the sampling seed used (the drawn one when none was given); None if greedy
 
 
 GenerationEvent = TokenDelta | Finished
