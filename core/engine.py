@@ -21,31 +21,20 @@ from transformers import DynamicCache
 from core import kv_batch
 from core.adapter import LoadedAdapter
 from core.adapter_manager import AdapterManager
-from core.errors import CapacityExceededError, InvalidArgumentError, LoramuxError
+from core.errors import (
+    CapacityExceededError,
+    EngineFailure,
+    InvalidArgumentError,
+    LoramuxError,
+    RequestCancelledError,
+    ShuttingDownError,
+)
 from core.requests import AdapterSelection, EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta
 from core.routing import RoutingPlan, use_plan
 from core.sampling import RowSampler, sample_next_tokens
 from core.text_stream import TextStream
 
 log = logging.getLogger(__name__)
-
-
-class ShuttingDownError(LoramuxError):
-    """The engine no longer accepts requests (draining or closed)."""
-
-    reason = "SHUTTING_DOWN"
-
-
-class RequestCancelledError(LoramuxError):
-    """Ends the event stream of a request that was cancelled."""
-
-    reason = "CANCELLED"
-
-
-class EngineFailure(LoramuxError):
-    """A forward pass failed; every row of that batch is ended with this (details in the server log)."""
-
-    reason = "INTERNAL"
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,21 @@ class CapacityExceededError(LoramuxError):
     """A configured limit is reached (adapters resident, queue, batch rows, tokens)."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+
+class ShuttingDownError(LoramuxError):
+    """The engine no longer accepts requests (draining or closed)."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class RequestCancelledError(LoramuxError):
+    """Ends the event stream of a request that was cancelled."""
+
+    reason = "CANCELLED"
+
+
+class EngineFailure(LoramuxError):
+    """A forward pass failed; every row of that batch is ended with this (details in the server log)."""
+
+    reason = "INTERNAL"

@@ -222,13 +222,16 @@ def test_cancel_frees_the_row_within_one_step(base, tokenizer, adapter_dirs):
         ]
         streams = [iter(c) for c in channels]
         for s in streams:
-            next(s)  # all three are running
+            next(s)
+            next(s)  # the second token comes from a decode step: all three are running together by now
         channels[1].cancel()
         with pytest.raises(RequestCancelledError):
             for _ in streams[1]:
                 pass
-        next(streams[0])  # a step after the cancellation was seen
-        next(streams[0])
+        # The error is sent while the row is being dropped; the next decode step comes after the drop.
+        stepped = threading.Event()
+        eng._on_step = lambda n: (sizes.append(n), stepped.set())
+        assert stepped.wait(timeout=60)
         assert eng.running_rows == 2
         assert eng.cached_rows == 2
         assert sizes[-1] == 2 and 3 in sizes
