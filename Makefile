@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
 .PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine proto proto-lint proto-check run clean
+.PHONY: demo demo-assets
 
 venv: $(STAMP)
 
@@ -41,6 +42,11 @@ bench-adapters: $(STAMP)
 bench-routing: $(STAMP)
 	$(PY) -m bench.lora_routing
 
+# The gRPC server: `make run` serves the embedded demo model; flags go in ARGS, for example
+# make run ARGS="--model ./my-model --adapter math=./adapters/math --port 50051".
+run: $(STAMP)
+	$(PY) -m service $(ARGS)
+
 # gRPC contract: protos/loramux/v1/*.proto -> clients/loramux/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py.
 # The stubs are committed and never edited by hand: change the .proto, run `make proto`, commit both.
 # The proto tree mirrors the Python package (-Iprotos), so the stubs import `from loramux.v1 import ...`
@@ -67,6 +73,16 @@ proto-lint: $(BUF)
 # CI-ready: lint, then fail if the committed stubs differ from what `make proto` would write.
 proto-check: proto-lint
 	$(PY) -m pytest -q tests/clients
+
+# The embedded default model (demo/assets/): a small Llama trained on the stdlib's docstrings and three LoRA
+# adapters (upper, rot13, reverse), trained on the CPU in minutes, no network. Rebuild it with exactly this;
+# on a busy machine ARGS="--threads 1" avoids thread oversubscription (the manifest records what was used).
+demo-assets: $(STAMP)
+	$(PY) -m demo.train $(ARGS)
+
+# One prompt streamed through the base model and every adapter at once, in one batch (core Engine, no gRPC).
+demo: $(STAMP)
+	$(PY) -m demo.show $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -69,6 +69,10 @@ class LocalDirSource(AdapterSource):
         return os.path.isdir(mid) or mid.startswith(("/", ".", "~"))
 
     def fetch(self, location: AdapterLocation) -> AdapterFiles:
+        if location.revision:
+            raise InvalidArgumentError(
+                f"revision must be empty for a local folder (got {location.revision!r})", field="revision"
+            )
         folder = Path(location.model_id).expanduser()
         if location.subfolder:
             folder = folder / location.subfolder

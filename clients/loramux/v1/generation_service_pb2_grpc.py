@@ -59,11 +59,11 @@ class GenerationServiceServicer:
 
         Errors: INVALID_ARGUMENT (the field is named in BadRequest: `input`, `token_ids`, `adapter`,
         `sampling.*`, `stopping.*`, `request_id`, `apply_chat_template`); NOT_FOUND (ADAPTER_NOT_FOUND:
-        `adapter` names an adapter that is not loaded); RESOURCE_EXHAUSTED (limit maxConcurrentGenerations or
-        maxQueuedGenerations); UNAVAILABLE (SHUTTING_DOWN, or the grpc library's UNAVAILABLE when the drain
-        grace period ends mid-stream); INTERNAL; CANCELLED or DEADLINE_EXCEEDED from the grpc library. All
-        come before any response message except INTERNAL, UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED, which
-        may also end a stream midway.
+        `adapter` names an adapter that is not loaded); RESOURCE_EXHAUSTED (limit maxQueuedGenerations,
+        maxPromptTokens or maxTotalTokens); UNAVAILABLE (SHUTTING_DOWN, MODEL_LOADING, or the grpc library's
+        UNAVAILABLE when the drain grace period ends mid-stream); INTERNAL; CANCELLED or DEADLINE_EXCEEDED
+        from the grpc library. All come before any response message except INTERNAL, UNAVAILABLE, CANCELLED
+        and DEADLINE_EXCEEDED, which may also end a stream midway.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

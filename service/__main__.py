@@ -1,0 +1,190 @@
+"""``python -m service``: parse the command line (and HF_TOKEN) once into a frozen ServiceConfig, then serve.
+
+This is the only module that reads flags or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from core.adapter_manager import validate_adapter_name
+from core.engine import EngineConfig
+from core.errors import InvalidArgumentError
+from core.model_loader import DTYPES, ModelSpec
+from service.config import (
+    DEFAULT_ADAPTERS_DIR,
+    DEFAULT_MODEL_DIR,
+    AdapterPreload,
+    MiB,
+    NetworkConfig,
+    ServiceConfig,
+    demo_adapters,
+)
+from service.server import serve
+
+_ENGINE, _NET = EngineConfig(), NetworkConfig()
+_ENGINE_FLAGS = (  # EngineConfig field, help
+    ("max_batch_rows", "requests decoded together (concurrent generations)"),
+    ("max_queued", "requests waiting for a batch row; beyond: RESOURCE_EXHAUSTED"),
+    ("max_prompt_tokens", "prompt tokens per request; beyond: RESOURCE_EXHAUSTED"),
+    ("max_total_tokens", "prompt + new tokens per request; beyond: RESOURCE_EXHAUSTED"),
+    ("default_max_new_tokens", "max_new_tokens when a request sets none"),
+    ("max_new_tokens_ceiling", "largest max_new_tokens a request may ask"),
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
+def _adapter(text: str) -> AdapterPreload:
+    name, sep, source = text.partition("=")
+    if not sep or not source:
+        raise argparse.ArgumentTypeError(f"expected NAME=SOURCE (got {text!r})")
+    try:
+        validate_adapter_name(name)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return AdapterPreload(name=name, source=source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description="loramux gRPC server")
+    _model_flags(parser.add_argument_group("model"))
+    _adapter_flags(parser.add_argument_group("adapters"))
+    _engine_flags(parser.add_argument_group("engine limits"))
+    _network_flags(parser.add_argument_group("network and lifecycle"))
+    return parser
+
+
+def _model_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--model", help=f"base model folder or Hub repo id (default: the demo model, {DEFAULT_MODEL_DIR})")
+    g.add_argument("--model-revision", help="Hub revision of --model")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--hub-cache-dir", help="Hugging Face Hub cache for the model and Hub adapters")
+    g.add_argument("--no-warm-up", dest="warm_up", action="store_false", help="skip the warm-up generation")
+
+
+def _adapter_flags(g: argparse._ArgumentGroup) -> None:
+    preload = "preload (pinned) an adapter from a folder or Hub repo; repeatable"
+    g.add_argument("--adapter", type=_adapter, action="append", default=[], metavar="NAME=SOURCE", help=preload)
+    g.add_argument("--default-adapter", metavar="NAME", help="default adapter (default: the bare base model)")
+    g.add_argument("--max-adapters", type=_positive_int, default=64, help="resident adapters at most (default 64)")
+    g.add_argument("--max-rank", type=_positive_int, default=256, help="largest LoRA rank accepted (default 256)")
+
+
+def _engine_flags(g: argparse._ArgumentGroup) -> None:
+    for name, help_text in _ENGINE_FLAGS:
+        default = getattr(_ENGINE, name)
+        flag = "--" + name.replace("_", "-")
+        g.add_argument(flag, type=_positive_int, default=default, help=f"{help_text} (default {default})")
+
+
+def _network_flags(g: argparse._ArgumentGroup) -> None:
+    net = _NET
+    g.add_argument("--host", default=net.host, help=f"address to bind (default {net.host}; 0.0.0.0 or :: for all)")
+    g.add_argument("--port", type=int, default=net.port, help=f"port (default {net.port}; 0: a free one, printed)")
+    mib = net.max_message_bytes // MiB
+    g.add_argument("--max-message-mb", type=_positive_int, default=mib, help=f"largest message, MiB (default {mib})")
+    g.add_argument("--keepalive-time-ms", type=_positive_int, default=net.keepalive_time_ms)
+    g.add_argument("--keepalive-timeout-ms", type=_positive_int, default=net.keepalive_timeout_ms)
+    ping = net.min_client_ping_interval_ms
+    g.add_argument(
+        "--min-client-ping-interval-ms",
+        type=_positive_int,
+        default=ping,
+        help=f"clients pinging more often are disconnected (default {ping})",
+    )
+    g.add_argument("--grace-period", type=_non_negative_float, default=10.0, help="seconds in-flight RPCs get at stop")
+    g.add_argument(
+        "--drain-delay",
+        type=_non_negative_float,
+        default=0.0,
+        help="seconds between health NOT_SERVING and refusing new work at shutdown (default 0)",
+    )
+    g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> ServiceConfig:
+    """The frozen config; raises ValueError with a message for the user."""
+    adapters: list[AdapterPreload] = list(args.adapter)
+    if args.model is None:
+        if not DEFAULT_MODEL_DIR.is_dir():
+            raise ValueError(
+                f"no --model given and the embedded demo model is not at {DEFAULT_MODEL_DIR} yet "
+                "(build them with `make demo-assets`, or pass --model FOLDER_OR_HUB_ID)"
+            )
+        adapters = [*demo_adapters(DEFAULT_ADAPTERS_DIR), *adapters]
+    names = [a.name for a in adapters]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"adapter names given more than once: {', '.join(duplicates)}")
+    if args.default_adapter and args.default_adapter not in names:
+        raise ValueError(f"--default-adapter {args.default_adapter!r} is not among the preloaded adapters {names}")
+    token = environ.get("HF_TOKEN") or None
+    model = ModelSpec(
+        source=str(args.model or DEFAULT_MODEL_DIR),
+        dtype=args.dtype,
+        device=args.device,
+        revision=args.model_revision,
+        cache_dir=args.hub_cache_dir,
+        token=token,
+    )
+    engine = EngineConfig(**{name: getattr(args, name) for name, _ in _ENGINE_FLAGS})
+    network = NetworkConfig(
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_mb * MiB,
+        keepalive_time_ms=args.keepalive_time_ms,
+        keepalive_timeout_ms=args.keepalive_timeout_ms,
+        min_client_ping_interval_ms=args.min_client_ping_interval_ms,
+    )
+    return ServiceConfig(
+        model=model,
+        network=network,
+        engine=engine,
+        adapters=tuple(adapters),
+        default_adapter=args.default_adapter,
+        max_adapters=args.max_adapters,
+        max_rank=args.max_rank,
+        hub_token=token,
+        hub_cache_dir=args.hub_cache_dir,
+        grace_period_s=args.grace_period,
+        drain_delay_s=args.drain_delay,
+        warm_up=args.warm_up,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args, dict(os.environ))
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(config))
+    except (OSError, RuntimeError) as exc:  # e.g. the port is taken
+        print(f"loramux: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

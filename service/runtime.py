@@ -1,0 +1,186 @@
+"""What the servicers call: the engine and its adapter manager, reached only from worker threads.
+
+Blocking work never runs on the event loop: adapter-manager calls (LoadAdapter reads and validates files, maybe
+from the Hub) and ``Engine.submit`` (which tokenizes) run in a small thread pool; the model itself only ever
+runs on the engine's own thread. Until the base model is loaded every call fails with UNAVAILABLE
+(MODEL_LOADING); once draining, mutations and new generations fail with UNAVAILABLE (SHUTTING_DOWN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from core.adapter import AdapterInfo, LoadResult
+from core.adapter_manager import AdapterManager
+from core.engine import Engine
+from core.errors import AdapterNotFoundError, ShuttingDownError
+from core.model_loader import load_base_model
+from core.requests import AdapterSelection, EventChannel, GenerationRequest
+from service.config import ServiceConfig
+from service.errors import ModelLoadingError
+
+log = logging.getLogger("loramux.service")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """A LoadAdapter request, checked at the edge (convert.load_request)."""
+
+    name: str
+    source: str
+    revision: str | None = None
+    subfolder: str | None = None
+    replace: bool = False
+    pinned: bool = False
+    autocast_adapter_dtype: bool = True
+
+
+class Runtime:
+    def __init__(self, config: ServiceConfig, *, engine: Engine | None = None) -> None:
+        self.config = config
+        self.limits = config.limits()
+        self._engine = engine
+        self._draining = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loramux-rpc")
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready and not self._draining
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise ModelLoadingError("the server is still loading its base model; retry shortly")
+        return self._engine
+
+    def attach(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def stop_accepting(self) -> None:
+        self._draining = True
+        if self._engine is not None:
+            self._engine.stop_accepting()
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Blocking: stop the engine thread and the worker pool."""
+        self._draining = True
+        if self._engine is not None:
+            self._engine.close(timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest) -> EventChannel:
+        """Engine.submit off the loop. If the caller is cancelled meanwhile, the request is cancelled too."""
+        engine = self.engine
+        future = self._pool.submit(engine.submit, request)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_cancel_channel)
+            raise
+
+    # -- adapters -------------------------------------------------------------------------------------
+
+    @property
+    def manager(self) -> AdapterManager:
+        return self.engine.manager
+
+    def _mutable_manager(self) -> AdapterManager:
+        manager = self.manager
+        if self._draining:
+            raise ShuttingDownError("the server is shutting down and accepts no adapter changes")
+        return manager
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self._pool.submit(fn))
+
+    async def load_adapter(self, load: AdapterLoad) -> LoadResult:
+        manager, cfg = self._mutable_manager(), self.config
+        return await self._run(
+            lambda: manager.load_adapter(
+                load.source,
+                load.name,
+                revision=load.revision,
+                subfolder=load.subfolder,
+                replace=load.replace,
+                pinned=load.pinned,
+                autocast_adapter_dtype=load.autocast_adapter_dtype,
+                token=cfg.hub_token,
+                cache_dir=cfg.hub_cache_dir,
+            )
+        )
+
+    async def unload_adapter(self, name: str, *, allow_missing: bool) -> AdapterInfo | None:
+        manager = self._mutable_manager()
+
+        def unload() -> AdapterInfo | None:
+            try:
+                return manager.unload_adapter(name)
+            except AdapterNotFoundError:
+                if allow_missing:
+                    return None
+                raise
+
+        return await self._run(unload)
+
+    async def set_default(self, name: str | None) -> tuple[AdapterInfo | None, str | None]:
+        """Make ``name`` (None: the bare base model) the default. Returns (its info, the previous default)."""
+        manager = self._mutable_manager()
+
+        def set_default() -> tuple[AdapterInfo | None, str | None]:
+            previous = manager.default_adapter
+            manager.set_adapter(name)
+            return (manager.get_adapter(name) if name is not None else None), previous
+
+        return await self._run(set_default)
+
+    async def get_adapter(self, name: str) -> AdapterInfo:
+        manager = self.manager
+        return await self._run(lambda: manager.get_adapter(name))
+
+    async def list_adapters(self) -> tuple[list[AdapterInfo], str | None]:
+        """Every loaded adapter, by name, and the default adapter's name."""
+        manager = self.manager
+        return await self._run(lambda: (manager.list_adapters(), manager.default_adapter))
+
+
+def _cancel_channel(future: concurrent.futures.Future[EventChannel]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().cancel()
+
+
+def build_engine(config: ServiceConfig) -> Engine:
+    """Load the base model, preload (pinned) adapters, set the default, warm up. Blocking: call off the loop."""
+    model, tokenizer = load_base_model(config.model)
+    manager = AdapterManager(model, max_adapters=config.max_adapters, max_rank=config.max_rank)
+    for preload in config.adapters:
+        log.info("loading adapter %s from %s", preload.name, preload.source)
+        manager.load_adapter(
+            preload.source, preload.name, pinned=True, token=config.hub_token, cache_dir=config.hub_cache_dir
+        )
+    if config.default_adapter:
+        manager.set_adapter(config.default_adapter)
+    engine = Engine(model, tokenizer, manager, config.engine)
+    if config.warm_up:
+        warm_up(engine)
+    return engine
+
+
+def warm_up(engine: Engine) -> None:
+    """One tiny generation through the whole path (first forward passes are slow), then ready."""
+    request = GenerationRequest(prompt=(0,), adapter=AdapterSelection.BASE, max_new_tokens=1, ignore_eos=True)
+    for _ in engine.submit(request):
+        pass

@@ -1,0 +1,142 @@
+"""The grpc.aio server: both loramux services, standard health and reflection, start-up and graceful shutdown.
+
+``create_server`` builds a server around an engine (tests pass a ready one) or around none (``serve`` loads the
+model after the port is open, so health answers NOT_SERVING meanwhile). ``LoramuxServer.shutdown`` is the one
+shutdown sequence: health NOT_SERVING, optional drain delay, refuse new work, ``server.stop(grace)`` (in-flight
+streams may finish within the grace period), then stop the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2_grpc
+
+from core.engine import Engine
+from core.errors import LoramuxError
+from service.config import ADAPTER_SERVICE, GENERATION_SERVICE, ServiceConfig
+from service.runtime import Runtime, build_engine
+from service.servicer import AdapterServicer, GenerationServicer
+
+log = logging.getLogger("loramux.service")
+T = TypeVar("T")
+
+SERVICES = (ADAPTER_SERVICE, GENERATION_SERVICE)
+HEALTH_NAMES = ("", *SERVICES)  # "": the process; each service: model loaded and warm
+Serving = health_pb2.HealthCheckResponse
+
+
+class LoramuxServer:
+    def __init__(self, config: ServiceConfig, runtime: Runtime, server: grpc.aio.Server) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.grpc_server = server
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+
+    async def start(self) -> None:
+        await self.health.set("", Serving.SERVING)
+        status = Serving.SERVING if self.runtime.ready else Serving.NOT_SERVING
+        for name in SERVICES:
+            await self.health.set(name, status)
+        await self.grpc_server.start()
+
+    async def attach(self, engine: Engine) -> None:
+        """The model is loaded and warm: serve it."""
+        self.runtime.attach(engine)
+        for name in SERVICES:
+            await self.health.set(name, Serving.SERVING)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("shutting down (grace period %.1f s)", grace)
+        await self.health.enter_graceful_shutdown()  # every name NOT_SERVING, pushed to Watch streams
+        if self.config.drain_delay_s > 0:
+            await asyncio.sleep(self.config.drain_delay_s)  # let load balancers see it; new RPCs still work
+        self.runtime.stop_accepting()
+        await self.grpc_server.stop(grace)  # refuse new calls; in-flight ones get `grace` seconds
+        await asyncio.sleep(0)  # cancelled handlers' finally blocks run after stop() returns
+        await asyncio.to_thread(self.runtime.close)
+        log.info("stopped")
+
+
+def create_server(config: ServiceConfig, *, engine: Engine | None = None) -> tuple[LoramuxServer, int]:
+    """Build (not start) the server and bind its port; call inside the running event loop."""
+    runtime = Runtime(config, engine=engine)
+    server = grpc.aio.server(options=config.network.grpc_options())
+    adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(runtime), server)
+    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(runtime), server)
+    wrapper = LoramuxServer(config, runtime, server)
+    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    net = config.network
+    port = server.add_insecure_port(f"{_host(net.host)}:{net.port}")
+    return wrapper, port
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(config: ServiceConfig) -> int:
+    """Run until SIGTERM/SIGINT. Prints the listening address, then loads the model. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the (long) model load
+        loop.add_signal_handler(sig, stop.set)
+    server, port = create_server(config)
+    await server.start()
+    print(f"loramux listening on {_host(config.network.host)}:{port}", flush=True)
+    loading = _in_daemon_thread(build_engine, config)
+    stopping = asyncio.ensure_future(stop.wait())
+    waiters: set[asyncio.Future[Any]] = {loading, stopping}
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if loading.done():
+        error = loading.exception()
+        if error is not None:  # a bad flag or asset: the message says it all; anything else: traceback
+            log.error("start-up failed: %s", error, exc_info=None if isinstance(error, LoramuxError) else error)
+            exit_code = 1
+        else:
+            await server.attach(loading.result())
+            print("loramux ready", flush=True)
+            await stopping
+    stopping.cancel()
+    await server.shutdown(0 if exit_code else None)
+    return exit_code
+
+
+def _in_daemon_thread(fn: Callable[[ServiceConfig], T], config: ServiceConfig) -> asyncio.Future[T]:
+    """Run a blocking start-up step on a daemon thread, so a signal during it does not wait for it to end."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn(config)
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop already closed: the server stopped while this was running
+            pass
+
+    threading.Thread(target=run, name="loramux-load", daemon=True).start()
+    return future

@@ -1,0 +1,83 @@
+"""The two loramux.v1 services: each RPC converts the request, calls the runtime, converts the result.
+
+Request ids, error statuses and access logs come from the ``errors.unary`` / ``errors.streaming`` wrappers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+from loramux.v1 import adapter_service_pb2 as apb
+from loramux.v1 import adapter_service_pb2_grpc as apb_grpc
+from loramux.v1 import generation_service_pb2 as gpb
+from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
+
+from service import convert, errors
+from service.errors import CallLog
+from service.runtime import Runtime
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class AdapterServicer(apb_grpc.AdapterServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.limits = runtime.limits
+
+    @errors.unary
+    async def LoadAdapter(
+        self, request: apb.LoadAdapterRequest, context: Context, call: CallLog
+    ) -> apb.LoadAdapterResponse:
+        result = await self._runtime.load_adapter(convert.load_request(request))
+        return convert.load_response(result)
+
+    @errors.unary
+    async def UnloadAdapter(
+        self, request: apb.UnloadAdapterRequest, context: Context, call: CallLog
+    ) -> apb.UnloadAdapterResponse:
+        name = convert.adapter_name(request.name)
+        info = await self._runtime.unload_adapter(name, allow_missing=request.allow_missing)
+        return convert.unload_response(info)
+
+    @errors.unary
+    async def SetAdapter(
+        self, request: apb.SetAdapterRequest, context: Context, call: CallLog
+    ) -> apb.SetAdapterResponse:
+        info, previous = await self._runtime.set_default(convert.default_adapter_name(request.name))
+        return convert.set_response(info, previous)
+
+    @errors.unary
+    async def GetAdapter(
+        self, request: apb.GetAdapterRequest, context: Context, call: CallLog
+    ) -> apb.GetAdapterResponse:
+        info = await self._runtime.get_adapter(convert.adapter_name(request.name))
+        return apb.GetAdapterResponse(adapter=convert.adapter(info))
+
+    @errors.unary
+    async def ListAdapters(
+        self, request: apb.ListAdaptersRequest, context: Context, call: CallLog
+    ) -> apb.ListAdaptersResponse:
+        infos, default = await self._runtime.list_adapters()
+        return convert.list_response(request, infos, default)
+
+
+class GenerationServicer(gpb_grpc.GenerationServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.limits = runtime.limits
+
+    @errors.streaming
+    async def Generate(
+        self, request: gpb.GenerateRequest, context: Context, call: CallLog
+    ) -> AsyncIterator[gpb.GenerateResponse]:
+        channel = await self._runtime.submit(convert.generation_request(request, request_id=call.request_id))
+        context.add_done_callback(lambda _: channel.cancel())  # client cancel, deadline, server stop
+        try:
+            await context.send_initial_metadata(call.echo())
+            async for event in channel:
+                call.record(event)
+                yield convert.generate_response(event)
+        finally:
+            channel.cancel()  # no-op once finished; otherwise frees the engine row within one step
