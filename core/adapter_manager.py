@@ -7,16 +7,18 @@ callers that name none; routing never reads it. Rows pick adapters through expli
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
 
-from core.adapter import AdapterInfo, LoadedAdapter, LoadResult
+from core.adapter import AdapterEvent, AdapterInfo, LoadedAdapter, LoadResult
 from core.adapter_sources import DEFAULT_SOURCES, AdapterLocation, AdapterSource, fetch_adapter_files
 from core.errors import (
     AdapterAlreadyExistsError,
@@ -32,6 +34,7 @@ from core.routing import RoutingPlan, build_plan, use_plan
 from core.slots import SlotTable
 from core.targeting import resolve_modules_to_save, resolve_targets
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}")
 
 
@@ -50,6 +53,9 @@ class AdapterManager:
 
     max_adapters: resident adapters at most; loading past it evicts the least recently used one that is
     neither pinned nor the default. max_rank: adapters with a larger per-module rank are refused.
+    observer: told of every load, replace, unload and eviction (an AdapterEvent), on the thread that made the
+    change, possibly with the manager's lock held: it must be quick and must not call back into the manager.
+    It may also be set later (attribute ``observer``); its exceptions are logged, never raised.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class AdapterManager:
         max_adapters: int = 64,
         max_rank: int = 256,
         sources: Sequence[AdapterSource] = DEFAULT_SOURCES,
+        observer: Callable[[AdapterEvent], None] | None = None,
     ) -> None:
         if max_rank < 1:
             raise InvalidArgumentError(f"max_rank must be >= 1 (got {max_rank})", field="max_rank")
@@ -66,7 +73,7 @@ class AdapterManager:
         self.max_rank = max_rank
         self._sources = tuple(sources)
         self._modules = dict(model.named_modules())  # original names, captured before any wrapping
-        self._base_params = dict(model.named_parameters())
+        self._base_params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
         output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
         self._output_embedding_name = next(
             (n for n, m in self._modules.items() if m is output_embeddings and output_embeddings is not None),
@@ -76,6 +83,7 @@ class AdapterManager:
         self._slots = SlotTable(max_adapters)
         self._default: str | None = None
         self._lock = threading.RLock()
+        self.observer = observer
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -103,6 +111,7 @@ class AdapterManager:
         load-time checks and casts on CUDA when the base lives on the CPU; without CUDA it has no effect.
         """
         del low_cpu_mem_usage  # always the case, see above
+        started = time.monotonic()
         validate_adapter_name(adapter_name)
         location = AdapterLocation(model_id, subfolder or None, revision or None, cache_dir, token)
         with self._lock:
@@ -124,11 +133,14 @@ class AdapterManager:
         )
         adapter = self._build(location, adapter_name, options, pinned=pinned)
         with self._lock:
-            return self._commit(adapter, replace=replace)
+            result = self._commit(adapter, replace=replace)
+        if not result.already_loaded:
+            seconds = time.monotonic() - started
+            kind: Literal["load", "replace"] = "replace" if adapter.version > 1 else "load"
+            self._notify(AdapterEvent(kind, adapter_name, adapter.weights.nbytes, seconds))
+        return result
 
-    def _build(
-        self, location: AdapterLocation, name: str, options: LoadOptions, *, pinned: bool
-    ) -> LoadedAdapter:
+    def _build(self, location: AdapterLocation, name: str, options: LoadOptions, *, pinned: bool) -> LoadedAdapter:
         """Everything that can fail, with no shared state touched."""
         files = fetch_adapter_files(location, self._sources)
         spec = LoraSpec.from_file(files.config)
@@ -183,6 +195,7 @@ class AdapterManager:
                 field="max_adapters",
             )
         self._remove(victim.name)
+        self._notify(AdapterEvent("evict", victim.name, victim.weights.nbytes))
 
     def unload_adapter(self, name: str) -> AdapterInfo:
         """Remove an adapter. Rows already running with it keep its weights until they finish; if it was the
@@ -191,7 +204,8 @@ class AdapterManager:
             adapter = self._get(name)
             info = adapter.info(is_default=name == self._default)
             self._remove(name)
-            return info
+        self._notify(AdapterEvent("unload", name, info.size_bytes))
+        return info
 
     delete_adapter = unload_adapter  # PEFT's name
 
@@ -200,6 +214,15 @@ class AdapterManager:
         self._slots.release(adapter.slot)
         if self._default == name:
             self._default = None
+
+    def _notify(self, event: AdapterEvent) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        try:
+            observer(event)
+        except Exception:
+            log.exception("adapter observer failed on %s", event)
 
     def set_adapter(self, name: str | None) -> None:
         """Set the default adapter for callers that name none; None means the bare base model."""
@@ -219,6 +242,11 @@ class AdapterManager:
     @property
     def default_adapter(self) -> str | None:
         return self._default
+
+    @property
+    def capacity(self) -> int:
+        """Resident adapters at most (max_adapters)."""
+        return self._slots.capacity
 
     def list_adapters(self) -> list[AdapterInfo]:
         with self._lock:

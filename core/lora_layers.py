@@ -18,17 +18,18 @@ from core.routing import current_plan
 class RoutedModule(nn.Module):
     def __init__(self, base_layer: nn.Module, name: str) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer  # registered: state_dict, .to(), named_modules see it
+        object.__setattr__(self, "_base", base_layer)  # plain attribute: no Module.__getattr__ per call
         self.routed_name = name
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         plan = current_plan()
         route = plan.routes.get(self.routed_name) if plan is not None else None
         if route is None:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base(x, *args, **kwargs)
         if x.shape[0] != plan.rows:  # type: ignore[union-attr]
             raise ValueError(f"routing plan has {plan.rows} rows but {self.routed_name} got {x.shape[0]}")  # type: ignore[union-attr]
-        return route.forward(self.base_layer, x, lambda t: self.base_layer(t, *args, **kwargs))
+        return route.forward(self._base, x, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # transformers reads attributes such as `.weight` or `.embed_scale` from the modules it built; forward
@@ -36,7 +37,7 @@ class RoutedModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name == "base_layer":
+            if name.startswith("_") or name == "base_layer":  # never recurse while half-built
                 raise
             return getattr(self._modules["base_layer"], name)
 

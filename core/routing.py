@@ -14,7 +14,7 @@ every case measured (BENCHMARKS.md), so two routes remain:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,13 +25,12 @@ from torch import Tensor, nn
 
 from core.lora_weights import AdapterWeights, EmbeddingLora, LinearLora
 
-BaseForward = Callable[[Tensor], Tensor]
-
 
 class Route:
     """How one wrapped module computes its output for the rows of a plan."""
 
-    def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """The module's output for x; args/kwargs are the extra arguments of the base module's call."""
         raise NotImplementedError
 
 
@@ -44,8 +43,7 @@ class RoutingPlan:
 _CURRENT_PLAN: ContextVar[RoutingPlan | None] = ContextVar("loramux_routing_plan", default=None)
 
 
-def current_plan() -> RoutingPlan | None:
-    return _CURRENT_PLAN.get()
+current_plan = _CURRENT_PLAN.get  # bound method: the cheapest lookup on the per-module hot path
 
 
 @contextmanager
@@ -68,13 +66,11 @@ class UniformLinear(Route):
         self.B = lora.B * lora.scaling  # (out, r), scaling folded in
         self.bias = lora.bias * lora.scaling if lora.bias is not None else None
 
-    def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
-        out = base_forward(x)  # (..., out)
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)  # (..., out)
         h = F.linear(x.to(self.A.dtype), self.A)  # (..., r)
         if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ B.T
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.B.T).view(
-                out.shape
-            )
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.B.T).view(out.shape)
         return _add_delta(out, F.linear(h, self.B, self.bias))
 
 
@@ -103,8 +99,8 @@ class GatheredLinear(Route):
             biases = [lo.bias if lo.bias is not None else zero.B.new_zeros(zero.B.shape[0]) for lo in rows]
             self.bias = (torch.stack(biases).to(dtype) * scaling[:, None]).unsqueeze(1)
 
-    def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
-        out = base_forward(x)
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (N, T, in)
         h = torch.bmm(x3, self.At)  # (N, T, r_max)
         if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
@@ -137,8 +133,8 @@ class RoutedEmbedding(Route):
             ]
         )  # (N, r_max, d)
 
-    def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
-        out = base_forward(x)  # (N, T, d)
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)  # (N, T, d)
         ids = x.reshape(x.shape[0], -1)  # (N, T)
         after_a = self.A_stack[self.row_slot[:, None], ids]  # (N, T, r_max)
         delta = torch.bmm(after_a, self.Bt).reshape(*out.shape)
@@ -160,10 +156,10 @@ class SavedModules(Route):
             for mod in distinct.values()
         ]
 
-    def forward(self, base_layer: nn.Module, x: Tensor, base_forward: BaseForward) -> Tensor:
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         if self.uniform is not None:
             return self.uniform(x)
-        out = base_forward(x)
+        out = base_layer(x, *args, **kwargs)
         for rows, module in self.groups:
             out = out.index_copy(0, rows, module(x.index_select(0, rows)).to(out.dtype))
         return out
