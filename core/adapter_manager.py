@@ -27,7 +27,7 @@ from core.errors import (
     InvalidArgumentError,
 )
 from core.eviction import choose_victim
-from core.lora_layers import wrap_modules
+from core.lora_layers import unwrapped_copy, wrap_modules
 from core.lora_spec import LoraSpec
 from core.lora_weights import LoadOptions, read_adapter_weights, read_state_dict
 from core.routing import RoutingPlan, build_plan, use_plan
@@ -156,6 +156,7 @@ class AdapterManager:
             base_params=self._base_params,
             adapter_name=name,
             options=options,
+            copy_module=unwrapped_copy,
         )
         return LoadedAdapter(
             name=name,

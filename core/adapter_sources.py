@@ -84,9 +84,7 @@ class LocalDirSource(AdapterSource):
         for weights_name in WEIGHTS_NAMES:
             if (folder / weights_name).is_file():
                 return AdapterFiles(config=config, weights=folder / weights_name, source=self.name)
-        raise AdapterSourceNotFoundError(
-            f"no {' or '.join(WEIGHTS_NAMES)} in {str(folder)!r}", field="source"
-        )
+        raise AdapterSourceNotFoundError(f"no {' or '.join(WEIGHTS_NAMES)} in {str(folder)!r}", field="source")
 
 
 class HubSource(AdapterSource):

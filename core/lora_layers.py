@@ -7,6 +7,7 @@ adapter targets them, and stay wrapped; wrapping never changes any output by its
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,3 +57,16 @@ def wrap_modules(model: nn.Module, names: list[str], modules: Mapping[str, nn.Mo
         if current is not modules[name]:
             raise RuntimeError(f"module {name} changed since loramux indexed the model")
         setattr(parent, leaf, RoutedModule(current, name))
+
+
+def unwrapped_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of a base module with every RoutedModule inside replaced by its base layer: a
+    modules_to_save copy is the adapter's own module, untouched by other adapters' routes."""
+    replica = copy.deepcopy(module)
+    if isinstance(replica, RoutedModule):
+        replica = replica.base_layer
+    for parent in list(replica.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, RoutedModule):
+                setattr(parent, child_name, child.base_layer)
+    return replica

@@ -136,9 +136,7 @@ class LoraSpec:
             rank_pattern=tuple((k, int(v)) for k, v in (raw.get("rank_pattern") or {}).items()),
             alpha_pattern=tuple((k, float(v)) for k, v in (raw.get("alpha_pattern") or {}).items()),
             target_modules=_names_or_regex(raw["target_modules"]),
-            exclude_modules=None
-            if _is_unset(raw.get("exclude_modules"))
-            else _names_or_regex(raw["exclude_modules"]),
+            exclude_modules=None if _is_unset(raw.get("exclude_modules")) else _names_or_regex(raw["exclude_modules"]),
             layers_to_transform=_layers(raw.get("layers_to_transform")),
             layers_pattern=_str_tuple(raw.get("layers_pattern")),
             modules_to_save=_str_tuple(raw.get("modules_to_save")) or (),
@@ -175,9 +173,7 @@ def _unsupported_fields(raw: Mapping[str, Any]) -> list[str]:
         problems.append(f"bias={raw.get('bias')!r} rewrites the shared base biases; only 'none' is supported")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
-        problems.append(
-            f"init_lora_weights={init!r} mutates the base model during load; convert the adapter first"
-        )
+        problems.append(f"init_lora_weights={init!r} mutates the base model during load; convert the adapter first")
     elif init not in _PLAIN_INITS:
         problems.append(f"init_lora_weights={init!r} is not a known LoRA initialisation")
     for name in _VARIANT_FIELDS:

@@ -7,7 +7,7 @@ and only then builds tensors; any problem is collected and raised once, so a fai
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,7 +117,9 @@ def read_adapter_weights(
     base_params: Mapping[str, Tensor],
     adapter_name: str,
     options: LoadOptions,
+    copy_module: Callable[[nn.Module], nn.Module] = copy.deepcopy,
 ) -> LoadedWeights:
+    """copy_module makes modules_to_save copies; the manager passes one that drops routing wrappers."""
     problems: list[str] = []
     used: set[str] = set()
     missing: list[str] = []
@@ -129,35 +131,52 @@ def read_adapter_weights(
         present = {k: state[k] for k in keys if k in state}
         used.update(present)
         missing.extend(keys[k] for k in keys if k not in state)
-        roles = {_role(k) for k in present}
-        if len(present) < len(keys) and (not spec.missing_weights_are_noop or roles == {"B"}):
-            problems.append(
-                f"{target.name}: LoRA weights missing from the file, and init_lora_weights="
-                f"{spec.init_lora_weights!r} would leave PEFT with random values there"
-            )
-        if not {"A", "B"} <= roles:
-            continue  # PEFT's default init has B=0: the module contributes nothing
-        tensors = _checked(target, present, problems, options.max_rank)
+        by_role = _complete_from_init(target, spec, {_role(k): t for k, t in present.items()}, problems)
+        if by_role is None:
+            continue
+        tensors = _checked(target, by_role, problems, options.max_rank)
         if tensors is not None:
             _add_target(weights, target, tensors, modules[target.name], options)
     for name in saved_module_names:
-        _add_saved_module(weights, name, state, modules[name], used, problems, options)
-    unexpected = [
-        k for k in state if k not in used and not _is_unchanged_base(k, state[k], base_params, problems)
-    ]
+        replica = copy_module(modules[name])
+        _add_saved_module(weights, name, state, replica, used, problems, options)
+    unexpected = [k for k in state if k not in used and not _is_unchanged_base(k, state[k], base_params, problems)]
     if problems:
         raise IncompatibleAdapterError("adapter weights do not fit the base model", problems=problems)
     _check_finite(weights)
     return LoadedWeights(weights, tuple(missing), tuple(unexpected))
 
 
+def _complete_from_init(
+    target: Target, spec: LoraSpec, by_role: dict[str, Tensor], problems: list[str]
+) -> dict[str, Tensor] | None:
+    """Fill tensors absent from the file the way PEFT's initialisation would, where that is deterministic.
+
+    With init_lora_weights=True PEFT starts a Linear with A random and B, bias = 0, and an Embedding with
+    A = 0 and B random. An absent zero tensor is filled with zeros; an absent random one (its partner in the
+    file) is refused, since nobody can reproduce PEFT's output then. None: the module contributes nothing.
+    """
+    expected = {"A", "B"} | ({"bias"} if spec.lora_bias and target.kind is TargetKind.LINEAR else set())
+    absent = expected - by_role.keys()
+    if not absent:
+        return by_role
+    random_role, zero_role = ("A", "B") if target.kind is TargetKind.LINEAR else ("B", "A")
+    if not spec.missing_weights_are_noop or (random_role in absent and zero_role not in absent):
+        problems.append(
+            f"{target.name}: LoRA weights missing from the file ({', '.join(sorted(absent))}), and "
+            f"init_lora_weights={spec.init_lora_weights!r} would leave PEFT with random values there"
+        )
+        return None
+    if zero_role in absent and "bias" not in by_role:
+        return None  # delta = B @ A = 0, no bias: nothing to add
+    shapes = {"A": (target.r, target.in_features), "B": (target.out_features, target.r)}
+    return {**by_role, **{role: torch.zeros(shapes[role]) for role in absent & {"A", "B"}}}
+
+
 def _checked(
-    target: Target, present: Mapping[str, Tensor], problems: list[str], max_rank: int
+    target: Target, by_role: Mapping[str, Tensor], problems: list[str], max_rank: int
 ) -> dict[str, Tensor] | None:
     """Shapes by role ('A', 'B', 'bias'); appends a problem and returns None when anything is off."""
-    by_role = {_role(k): t for k, t in present.items()}
-    if "A" not in by_role or "B" not in by_role:
-        return None
     r = target.r
     if r > max_rank:
         problems.append(f"{target.name}: rank {r} exceeds the configured maximum {max_rank}")
@@ -176,7 +195,7 @@ def _checked(
                 f"(expected {expected[role]}, r={r})"
             )
             ok = False
-    return by_role if ok else None
+    return dict(by_role) if ok else None
 
 
 def _role(key: str) -> str:
@@ -222,13 +241,12 @@ def _add_saved_module(
     weights: AdapterWeights,
     name: str,
     state: Mapping[str, Tensor],
-    module: nn.Module,
+    replica: nn.Module,
     used: set[str],
     problems: list[str],
     options: LoadOptions,
 ) -> None:
     """modules_to_save: a full per-adapter copy, initialised from the base module (as PEFT does)."""
-    replica = copy.deepcopy(module)
     for param_name, param in replica.named_parameters():
         key = f"{PREFIX}{name}.{param_name}"
         if key not in state:
@@ -244,9 +262,7 @@ def _add_saved_module(
     weights.saved_modules[name] = replica
 
 
-def _is_unchanged_base(
-    key: str, value: Tensor, base_params: Mapping[str, Tensor], problems: list[str]
-) -> bool:
+def _is_unchanged_base(key: str, value: Tensor, base_params: Mapping[str, Tensor], problems: list[str]) -> bool:
     """A file may carry base weights (PEFT's save_embedding_layers). Equal to ours: harmless; else refuse."""
     name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
     base = base_params.get(name)
@@ -264,15 +280,7 @@ def _check_finite(weights: AdapterWeights) -> None:
         for name, lin in weights.linear.items()
         if not all(torch.isfinite(t).all() for t in (lin.A, lin.B, lin.bias) if t is not None)
     ]
-    bad += [
-        n
-        for n, e in weights.embedding.items()
-        if not (torch.isfinite(e.A).all() and torch.isfinite(e.B).all())
-    ]
-    bad += [
-        n
-        for n, m in weights.saved_modules.items()
-        if not all(torch.isfinite(p).all() for p in m.parameters())
-    ]
+    bad += [n for n, e in weights.embedding.items() if not (torch.isfinite(e.A).all() and torch.isfinite(e.B).all())]
+    bad += [n for n, m in weights.saved_modules.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
     if bad:
         raise CorruptAdapterError("adapter weights contain NaN or Inf", problems=[f"{n}" for n in bad])

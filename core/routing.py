@@ -145,9 +145,11 @@ class RoutedEmbedding(Route):
 
 
 class SavedModules(Route):
-    """modules_to_save: rows of an adapter with a copy run that copy; the others run the base module."""
+    """modules_to_save: rows of an adapter with a copy run that copy; the others run the base module, or
+    ``fallback`` when other adapters in the batch put LoRA on this same module."""
 
-    def __init__(self, row_modules: Sequence[nn.Module | None]) -> None:
+    def __init__(self, row_modules: Sequence[nn.Module | None], *, fallback: Route | None = None) -> None:
+        self.fallback = fallback
         self.uniform = row_modules[0] if all(m is row_modules[0] for m in row_modules) else None
         distinct = {id(m): m for m in row_modules if m is not None}
         device = next(next(iter(distinct.values())).parameters()).device
@@ -158,10 +160,14 @@ class SavedModules(Route):
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         if self.uniform is not None:
-            return self.uniform(x)
-        out = base_layer(x, *args, **kwargs)
+            return self.uniform(x, *args, **kwargs)
+        if self.fallback is not None:
+            out = self.fallback.forward(base_layer, x, args, kwargs)
+        else:
+            out = base_layer(x, *args, **kwargs)
         for rows, module in self.groups:
-            out = out.index_copy(0, rows, module(x.index_select(0, rows)).to(out.dtype))
+            copied = module(x.index_select(0, rows), *args, **kwargs)
+            out = out.index_copy(0, rows, copied.to(out.dtype))
         return out
 
 
@@ -200,5 +206,6 @@ def build_plan(rows: Sequence[AdapterWeights | None]) -> RoutingPlan:
     for name in dict.fromkeys(n for a in adapters for n in a.embedding):
         routes[name] = RoutedEmbedding([a.embedding.get(name) if a is not None else None for a in rows])
     for name in dict.fromkeys(n for a in adapters for n in a.saved_modules):
-        routes[name] = SavedModules([a.saved_modules.get(name) if a is not None else None for a in rows])
+        saved = [a.saved_modules.get(name) if a is not None else None for a in rows]
+        routes[name] = SavedModules(saved, fallback=routes.get(name))
     return RoutingPlan(rows=len(rows), routes=routes)

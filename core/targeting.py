@@ -57,9 +57,7 @@ def resolve_targets(
     """Every module the spec targets, in model order; raises if none match or one cannot carry LoRA."""
     target_modules = spec.target_modules
     if spec.targets_all_linear:
-        target_modules = tuple(
-            name for name, m in modules.items() if is_linear(m) and name != output_embedding_name
-        )
+        target_modules = tuple(name for name, m in modules.items() if is_linear(m) and name != output_embedding_name)
     targets: list[Target] = []
     unsupported: list[str] = []
     excluded_any = False
