@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from core.adapter_sources import AdapterFiles, AdapterLocation
 from core.lora_spec import LoraSpec
@@ -42,6 +43,16 @@ class LoadResult:
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
     already_loaded: bool
+
+
+@dataclass(frozen=True)
+class AdapterEvent:
+    """A change of the resident adapters, reported to AdapterManager's observer (metrics, audit logs)."""
+
+    kind: Literal["load", "replace", "unload", "evict"]
+    name: str
+    size_bytes: int  # the adapter's weights (for "replace": the new ones)
+    seconds: float = 0.0  # load/replace: the whole load_adapter call (fetch, validate, build, commit)
 
 
 @dataclass(eq=False)
