@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
 .PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine proto proto-lint proto-check run clean
+.PHONY: node-deps
 .PHONY: demo demo-assets
 
 venv: $(STAMP)
@@ -20,11 +21,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) node-deps
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) node-deps
 	$(PY) -m pytest -q
+
+# The Node.js client's packages (clients/node: exact versions from its package-lock.json), for its tests in
+# tests/polyglot/. Reinstalled only when the lock file changes; install scripts are not run (none is needed).
+# Without npm this says so and goes on: those tests then skip, naming the reason.
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+node-deps:
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "npm not found: the Node.js client tests (tests/polyglot/test_node_client.py) will be skipped"; \
+	elif [ ! -f $(NODE_STAMP) ] || [ $(NODE_DIR)/package-lock.json -nt $(NODE_STAMP) ]; then \
+	  npm ci --prefix $(NODE_DIR) --ignore-scripts --no-audit --no-fund && touch $(NODE_STAMP); \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check core service tests bench
@@ -85,4 +98,4 @@ demo: $(STAMP)
 	$(PY) -m demo.show $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

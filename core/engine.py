@@ -47,6 +47,17 @@ class EngineConfig:
     max_new_tokens_ceiling: int = 2048
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds at one moment (for metrics and routers). Adapter names exclude the base model."""
+
+    running: int  # rows in the decode batch
+    waiting: int  # requests queued for a batch row
+    running_adapters: frozenset[str]
+    waiting_adapters: frozenset[str]
+    steps: int  # decode steps so far
+
+
 @dataclass
 class _Row:
     request: GenerationRequest
@@ -113,6 +124,19 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    def load(self) -> EngineLoad:
+        """A snapshot of the batch and the queue, from any thread (read-only; a row may be mid-admission)."""
+        rows = list(self._rows)
+        with self._queue.mutex:  # queue.Queue's own lock, held only to copy its items
+            waiting = [r for r in self._queue.queue if r is not None]
+        return EngineLoad(
+            running=len(rows),
+            waiting=len(waiting),
+            running_adapters=frozenset(r.adapter.name for r in rows if r.adapter is not None),
+            waiting_adapters=frozenset(r.adapter.name for r in waiting if r.adapter is not None),
+            steps=self.steps,
+        )
+
     def stop_accepting(self) -> None:
         self._accepting = False
 
@@ -145,7 +169,7 @@ class Engine:
         adapter = self._resolve_adapter(request.adapter)
         return _Row(
             request=request,
-            channel=EventChannel(),
+            channel=EventChannel(adapter=adapter.name if adapter is not None else None, prompt_tokens=len(prompt_ids)),
             adapter=adapter,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,

@@ -63,7 +63,9 @@ _END = object()
 class EventChannel:
     """Engine thread -> one consumer, sync or asyncio. Ends with Finished, or with an error raised."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, adapter: str | None = None, prompt_tokens: int = 0) -> None:
+        self.adapter = adapter  # the adapter the request runs with, resolved at admission (None: the base model)
+        self.prompt_tokens = prompt_tokens
         self._sync: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -118,6 +118,12 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
         default=0.0,
         help="seconds between health NOT_SERVING and refusing new work at shutdown (default 0)",
     )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: a free port, printed)",
+    )
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -168,6 +174,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         grace_period_s=args.grace_period,
         drain_delay_s=args.drain_delay,
         warm_up=args.warm_up,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -67,6 +67,7 @@ class ServiceConfig:
     grace_period_s: float = 10.0  # in-flight RPCs get this long to finish on shutdown
     drain_delay_s: float = 0.0  # NOT_SERVING is announced this long before new work is refused
     warm_up: bool = True  # run one tiny generation before reporting SERVING
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP on network.host; None: off, 0: a free port
 
     def limits(self) -> dict[str, int]:
         """The configured limits by their API name (ErrorInfo metadata ``limit`` / ``limitValue``)."""

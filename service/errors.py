@@ -3,8 +3,9 @@
 Servicer methods are wrapped with ``@unary`` or ``@streaming``. The wrapper resolves the request id, hands the
 method a ``CallLog`` to fill in, echoes ``x-request-id`` in the initial metadata of a successful response,
 turns any exception into a status (``to_status``: code by core error class, rich details as google.rpc
-ErrorInfo / BadRequest / PreconditionFailure / RetryInfo), logs one line per request, and re-raises
-``asyncio.CancelledError`` untouched (swallowing it leaks native memory in grpc aio).
+ErrorInfo / BadRequest / PreconditionFailure / RetryInfo), logs one line per request (and hands the CallLog to
+the servicer's ``observer``, the metrics, when there is one), and re-raises ``asyncio.CancelledError``
+untouched (swallowing it leaks native memory in grpc aio).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from core.errors import (
     ShuttingDownError,
     UnsupportedAdapterError,
 )
-from core.requests import Finished, GenerationEvent, TokenDelta
+from core.requests import EventChannel, Finished, GenerationEvent, TokenDelta
 from service.config import ERROR_DOMAIN
 
 log = logging.getLogger("loramux.service")
@@ -93,21 +94,38 @@ def valid_request_id(value: str) -> bool:
     return bool(_REQUEST_ID.fullmatch(value))
 
 
+class RequestObserver(Protocol):
+    """Told of every finished RPC (service/metrics.py); must be quick, on the event loop."""
+
+    def request_finished(self, call: CallLog, status: str) -> None: ...
+
+
 @dataclass
 class CallLog:
-    """What one RPC did, for its log line and its error details. Filled in by the servicer method."""
+    """What one RPC did, for its log line, its metrics and its error details. Filled in by the servicer method."""
 
     method: str
     request_id: str
-    adapter: str | None = None  # the adapter the request names (after Generate: the one it ran with)
+    adapter: str | None = None  # the adapter the request names (once Generate is admitted: the one it runs with)
     source: str | None = None  # LoadAdapter's source
     traceparent: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     started: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None  # Generate: seconds from the start to the first token
+    token_gaps: list[float] = field(default_factory=list, repr=False)  # Generate: seconds between tokens
+    observer: RequestObserver | None = field(default=None, repr=False)
+    _last_token: float | None = field(default=None, repr=False)
 
     @classmethod
-    def begin(cls, method: str, request: Message, context: grpc.aio.ServicerContext) -> CallLog:
+    def begin(
+        cls,
+        method: str,
+        request: Message,
+        context: grpc.aio.ServicerContext,
+        *,
+        observer: RequestObserver | None = None,
+    ) -> CallLog:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         own = getattr(request, "request_id", "")
         if own and valid_request_id(own):
@@ -125,19 +143,41 @@ class CallLog:
             adapter=getattr(request, "name", None) or adapter,
             source=getattr(request, "source", None) or None,
             traceparent=traceparent if _TRACEPARENT.fullmatch(traceparent) else None,  # invalid: ignored
+            observer=observer,
         )
 
     def echo(self) -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_KEY, self.request_id),)
 
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def admitted(self, channel: EventChannel) -> None:
+        """Generate was accepted by the engine: what it resolved (the adapter; "" for the bare base model)."""
+        self.adapter = channel.adapter or ""
+        self.prompt_tokens = channel.prompt_tokens
+
     def record(self, event: GenerationEvent) -> None:
         if isinstance(event, TokenDelta):
-            self.completion_tokens = (self.completion_tokens or 0) + len(event.token_ids)
+            n = len(event.token_ids)
+            if n:
+                self._time_tokens(n)
+            self.completion_tokens = (self.completion_tokens or 0) + n
         elif isinstance(event, Finished):
             self.adapter = event.adapter or ""
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
 
+    def _time_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        if self._last_token is None:
+            self.first_token_s = now - self.started
+        else:
+            self.token_gaps.extend([(now - self._last_token) / n] * n)
+        self._last_token = now
+
     def finish(self, status: str) -> None:
+        """The request's one access-log line, then the observer (metrics)."""
         parts = [f"rpc={self.method}", f"request_id={self.request_id}", f"status={status}"]
         if self.adapter is not None:
             parts.append(f"adapter={_loggable(self.adapter) if self.adapter else '(base)'}")
@@ -145,10 +185,17 @@ class CallLog:
             parts.append(f"prompt_tokens={self.prompt_tokens}")
         if self.completion_tokens is not None:
             parts.append(f"completion_tokens={self.completion_tokens}")
-        parts.append(f"duration_ms={(time.monotonic() - self.started) * 1000:.1f}")
+        parts.append(f"duration_ms={self.elapsed * 1000:.1f}")
+        if self.first_token_s is not None:
+            parts.append(f"ttft_ms={self.first_token_s * 1000:.1f}")
         if self.traceparent:
             parts.append(f"traceparent={self.traceparent}")
         access_log.info(" ".join(parts))
+        if self.observer is not None:
+            try:
+                self.observer.request_finished(self, status)
+            except Exception:
+                log.exception("request observer failed for %s", self.request_id)
 
 
 def _loggable(value: str) -> str:
@@ -233,9 +280,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, call: Call
 
 
 class Servicer(Protocol):
-    """What the wrappers need from a servicer: the limits quoted in RESOURCE_EXHAUSTED details."""
+    """What the wrappers need from a servicer: the limits quoted in RESOURCE_EXHAUSTED details, and who is
+    told of each finished RPC (None: nobody)."""
 
     limits: Mapping[str, int]
+    observer: RequestObserver | None
 
 
 S = TypeVar("S", bound=Servicer)
@@ -251,7 +300,7 @@ def unary(
 
     @functools.wraps(method)
     async def handler(self: S, request: Req, context: Context) -> Resp:
-        call = CallLog.begin(method.__name__, request, context)
+        call = CallLog.begin(method.__name__, request, context, observer=self.observer)
         try:
             response = await method(self, request, context, call)
             await context.send_initial_metadata(call.echo())
@@ -276,7 +325,7 @@ def streaming(
 
     @functools.wraps(method)
     async def handler(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
-        call = CallLog.begin(method.__name__, request, context)
+        call = CallLog.begin(method.__name__, request, context, observer=self.observer)
         status = "CANCELLED"  # unless something below decides otherwise
         try:
             async for response in method(self, request, context, call):

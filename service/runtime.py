@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from core.adapter import AdapterInfo, LoadResult
+from core.adapter import AdapterEvent, AdapterInfo, LoadResult
 from core.adapter_manager import AdapterManager
 from core.engine import Engine
 from core.errors import AdapterNotFoundError, ShuttingDownError
@@ -162,10 +162,11 @@ def _cancel_channel(future: concurrent.futures.Future[EventChannel]) -> None:
         future.result().cancel()
 
 
-def build_engine(config: ServiceConfig) -> Engine:
-    """Load the base model, preload (pinned) adapters, set the default, warm up. Blocking: call off the loop."""
+def build_engine(config: ServiceConfig, *, observer: Callable[[AdapterEvent], None] | None = None) -> Engine:
+    """Load the base model, preload (pinned) adapters, set the default, warm up. Blocking: call off the loop.
+    ``observer`` is told of every adapter change from the first preload on (the metrics)."""
     model, tokenizer = load_base_model(config.model)
-    manager = AdapterManager(model, max_adapters=config.max_adapters, max_rank=config.max_rank)
+    manager = AdapterManager(model, max_adapters=config.max_adapters, max_rank=config.max_rank, observer=observer)
     for preload in config.adapters:
         log.info("loading adapter %s from %s", preload.name, preload.source)
         manager.load_adapter(

@@ -3,12 +3,14 @@
 ``create_server`` builds a server around an engine (tests pass a ready one) or around none (``serve`` loads the
 model after the port is open, so health answers NOT_SERVING meanwhile). ``LoramuxServer.shutdown`` is the one
 shutdown sequence: health NOT_SERVING, optional drain delay, refuse new work, ``server.stop(grace)`` (in-flight
-streams may finish within the grace period), then stop the engine thread.
+streams may finish within the grace period), then stop the engine thread, and last the metrics endpoint
+(``config.metrics_port``; Prometheus keeps seeing the drain).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -20,9 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2_grpc
 
+from core.adapter import AdapterEvent
 from core.engine import Engine
 from core.errors import LoramuxError
 from service.config import ADAPTER_SERVICE, GENERATION_SERVICE, ServiceConfig
+from service.metrics import Metrics
 from service.runtime import Runtime, build_engine
 from service.servicer import AdapterServicer, GenerationServicer
 
@@ -35,23 +39,37 @@ Serving = health_pb2.HealthCheckResponse
 
 
 class LoramuxServer:
-    def __init__(self, config: ServiceConfig, runtime: Runtime, server: grpc.aio.Server) -> None:
+    def __init__(
+        self, config: ServiceConfig, runtime: Runtime, server: grpc.aio.Server, *, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.runtime = runtime
         self.grpc_server = server
+        self.metrics = metrics
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if metrics is not None and runtime.ready:
+            metrics.attach(runtime.engine)
+
+    @property
+    def adapter_observer(self) -> Callable[[AdapterEvent], None] | None:
+        """What build_engine should tell of adapter changes (the metrics, when on)."""
+        return self.metrics.adapter_event if self.metrics is not None else None
 
     async def start(self) -> None:
         await self.health.set("", Serving.SERVING)
         status = Serving.SERVING if self.runtime.ready else Serving.NOT_SERVING
         for name in SERVICES:
             await self.health.set(name, status)
+        if self.metrics is not None and self.config.metrics_port is not None:  # first: a taken port fails early
+            self.metrics.serve(self.config.network.host, self.config.metrics_port)
         await self.grpc_server.start()
 
     async def attach(self, engine: Engine) -> None:
         """The model is loaded and warm: serve it."""
         self.runtime.attach(engine)
+        if self.metrics is not None:
+            self.metrics.attach(engine)
         for name in SERVICES:
             await self.health.set(name, Serving.SERVING)
 
@@ -65,16 +83,20 @@ class LoramuxServer:
         await self.grpc_server.stop(grace)  # refuse new calls; in-flight ones get `grace` seconds
         await asyncio.sleep(0)  # cancelled handlers' finally blocks run after stop() returns
         await asyncio.to_thread(self.runtime.close)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
 
 
 def create_server(config: ServiceConfig, *, engine: Engine | None = None) -> tuple[LoramuxServer, int]:
     """Build (not start) the server and bind its port; call inside the running event loop."""
     runtime = Runtime(config, engine=engine)
+    metrics = Metrics(max_adapters=config.max_adapters) if config.metrics_port is not None else None
     server = grpc.aio.server(options=config.network.grpc_options())
-    adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(runtime), server)
-    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(runtime), server)
-    wrapper = LoramuxServer(config, runtime, server)
+    adapters, generation = AdapterServicer(runtime, observer=metrics), GenerationServicer(runtime, observer=metrics)
+    adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, server)
+    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
+    wrapper = LoramuxServer(config, runtime, server, metrics=metrics)
     reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     net = config.network
     port = server.add_insecure_port(f"{_host(net.host)}:{net.port}")
@@ -94,7 +116,9 @@ async def serve(config: ServiceConfig) -> int:
     server, port = create_server(config)
     await server.start()
     print(f"loramux listening on {_host(config.network.host)}:{port}", flush=True)
-    loading = _in_daemon_thread(build_engine, config)
+    if server.metrics is not None:
+        print(f"loramux metrics on http://{_host(config.network.host)}:{server.metrics.port}/metrics", flush=True)
+    loading = _in_daemon_thread(functools.partial(build_engine, observer=server.adapter_observer), config)
     stopping = asyncio.ensure_future(stop.wait())
     waiters: set[asyncio.Future[Any]] = {loading, stopping}
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

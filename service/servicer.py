@@ -1,6 +1,7 @@
 """The two loramux.v1 services: each RPC converts the request, calls the runtime, converts the result.
 
-Request ids, error statuses and access logs come from the ``errors.unary`` / ``errors.streaming`` wrappers.
+Request ids, error statuses, access logs and request metrics come from the ``errors.unary`` /
+``errors.streaming`` wrappers.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from loramux.v1 import generation_service_pb2 as gpb
 from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
 
 from service import convert, errors
-from service.errors import CallLog
+from service.errors import CallLog, RequestObserver
 from service.runtime import Runtime
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class AdapterServicer(apb_grpc.AdapterServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, observer: RequestObserver | None = None) -> None:
         self._runtime = runtime
         self.limits = runtime.limits
+        self.observer = observer
 
     @errors.unary
     async def LoadAdapter(
@@ -64,9 +66,10 @@ class AdapterServicer(apb_grpc.AdapterServiceServicer):
 
 
 class GenerationServicer(gpb_grpc.GenerationServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, observer: RequestObserver | None = None) -> None:
         self._runtime = runtime
         self.limits = runtime.limits
+        self.observer = observer
 
     @errors.streaming
     async def Generate(
@@ -74,6 +77,7 @@ class GenerationServicer(gpb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[gpb.GenerateResponse]:
         channel = await self._runtime.submit(convert.generation_request(request, request_id=call.request_id))
         context.add_done_callback(lambda _: channel.cancel())  # client cancel, deadline, server stop
+        call.admitted(channel)
         try:
             await context.send_initial_metadata(call.echo())
             async for event in channel:
