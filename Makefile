@@ -40,8 +40,8 @@ node-deps:
 	fi
 
 lint: $(STAMP)
-	$(PY) -m ruff check core service tests bench
-	$(PY) -m ruff format --check core service tests bench
+	$(PY) -m ruff check core service clients/client.py clients/__main__.py demo tests bench
+	$(PY) -m ruff format --check core service clients/client.py clients/__main__.py demo tests bench
 	$(PY) -m mypy
 
 bench: bench-adapters bench-routing bench-engine
@@ -75,8 +75,6 @@ proto: $(STAMP)
 
 # buf is only a linter here (codegen stays with grpc_tools); PyPI's buf-bin ships the binary.
 $(BUF): $(STAMP)
-	$(PY) -m pip install -q --force-reinstall --no-deps buf-bin==1.75.0
-	touch $@
 
 # buf lint with STANDARD + COMMENTS (protos/buf.yaml): naming, one request/response per RPC, a comment on
 # every element.

@@ -9,8 +9,9 @@ configuration runs ROUNDS times, interleaved with the others; the median through
 
 from __future__ import annotations
 
-import copy
 import asyncio
+import copy
+import itertools
 import statistics
 import tempfile
 import time
@@ -54,7 +55,7 @@ def run_engine(engine: Engine, adapters: list[str | AdapterSelection], *, latenc
     assert all(len(s) == NEW_TOKENS for s in stamps), "every request streams one event per token"
     if latencies is not None:
         latencies.setdefault("ttft", []).extend(s[0] - start for s in stamps)
-        latencies.setdefault("itl", []).extend(b - a for s in stamps for a, b in zip(s, s[1:], strict=False))
+        latencies.setdefault("itl", []).extend(b - a for s in stamps for a, b in itertools.pairwise(s))
     return len(adapters) * NEW_TOKENS / elapsed
 
 
@@ -64,13 +65,15 @@ def hf_generate(model: torch.nn.Module, **kwargs: object) -> Callable[[], float]
     def run() -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+            model.generate(
+                input_ids=ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kwargs
+            )
         return ROWS * NEW_TOKENS / (time.perf_counter() - start)
 
     return run
 
 
-def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:  # noqa: ANN001
+def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
     rows = prompts(ROWS)
 
     def run() -> float:
@@ -89,7 +92,7 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:  # noq
     return run
 
 
-def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int) -> tuple[Engine, list[str]]:  # noqa: ANN001
+def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
     names = []
@@ -147,10 +150,10 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
     print(f"== throughput, generated tokens/s (median of {ROUNDS} interleaved rounds)")
     for name, value in {**tput, **tput64}.items():
         print(f"{name:40} {value:8.1f}")
-    ours = tput["engine 8 distinct adapters"]
+    ours, bare = tput["engine 8 distinct adapters"], tput["engine no adapters"]
     ratios = [
-        ("8 distinct adapters vs engine without adapters", ours / tput["engine no adapters"], 0.85),
-        ("engine without adapters vs transformers generate", tput["engine no adapters"] / tput["transformers generate"], 1.0),
+        ("8 distinct adapters vs engine without adapters", ours / bare, 0.85),
+        ("engine without adapters vs transformers generate", bare / tput["transformers generate"], 1.0),
         ("8 distinct adapters vs peft mixed-batch generate", ours / tput["peft mixed-batch generate"], 3.5),
         ("8 distinct adapters vs peft sequential", ours / tput["peft sequential set_adapter+generate"], 6.0),
         (

@@ -71,12 +71,11 @@ def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: 
     row_slot = [i % adapters for i in range(rows)]
     row_loras = [loras[s] for s in row_slot]
     x = torch.randn(rows, tokens, d_in)
-    forward = base.forward
     gathered = GatheredLinear(row_loras)
     steps: dict[str, Step] = {
         "base": lambda: base(x),
         "grouped": grouped_loop(x, base, loras, row_slot),
-        "gathered": lambda: gathered.forward(base, x, forward),
+        "gathered": lambda: gathered.forward(base, x, (), {}),
         "wide": wide_masked(x, base, loras, row_slot),
     }
     reference = steps["grouped"]()
