@@ -14,9 +14,11 @@ import copy
 import itertools
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -102,47 +104,87 @@ def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int) -> tuple[E
     return Engine(model, tokenizer, manager, EngineConfig(max_batch_rows=max_rows)), names
 
 
+T = TypeVar("T")
+
+
+def in_fresh_thread(fn: Callable[[], T]) -> T:
+    """Run fn on a new thread that ends with it. Every thread that runs torch ops keeps an OpenMP pool
+    for its life; two live pools on 2 cores throttle each other (libgomp stops spin-waiting), which would
+    slow whichever case runs beside a lingering one. The service keeps torch work on the engine thread and
+    short-lived threads for the same reason (service/runtime.py)."""
+    result: list[T] = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def engine_case(base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list]) -> Callable[[], float]:
+    """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter."""
+
+    def run(latencies: dict | None = None) -> float:
+        # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
+        engine, names = in_fresh_thread(lambda: engine_with(base, tokenizer, paths, max_rows=64))
+        try:
+            return run_engine(engine, pick(names), latencies=latencies)
+        finally:
+            engine.close()
+
+    return run
+
+
 def measure(cases: dict[str, Callable[[], float]]) -> dict[str, float]:
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for case in cases.values():
-        case()  # warm-up
+        in_fresh_thread(case)  # warm-up
     for _ in range(ROUNDS):
         for name, case in cases.items():
-            samples[name].append(case())
+            samples[name].append(in_fresh_thread(case))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def main() -> None:
+def setup(tmp: Path) -> dict:
     from peft import PeftModel
 
-    torch.set_num_threads(2)
     base = llama_512()
-    tokenizer = bpe_tokenizer(8192)
+    paths = make_adapters(base, tmp)
+    names = [f"a{i}" for i in range(len(paths))]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=names[0]).eval()
+    for name, path in zip(names[1:], paths[1:], strict=True):
+        peft_model.load_adapter(str(path), name)
+    return {
+        "base": base,
+        "tokenizer": bpe_tokenizer(8192),
+        "paths": paths,
+        "names": names,
+        "clones": clone_adapters(paths[0], tmp / "clones", 64),
+        "peft": peft_model,
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_adapters(base, Path(tmp))
-        clones = clone_adapters(paths[0], Path(tmp) / "clones", 64)
-        eng8, names = engine_with(base, tokenizer, paths, max_rows=64)
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=names[0]).eval()
-        for name, path in zip(names[1:], paths[1:], strict=True):
-            peft_model.load_adapter(str(path), name)
-        cases = {
-            "engine 8 distinct adapters": lambda: run_engine(eng8, names),
-            "engine no adapters": lambda: run_engine(eng8, [AdapterSelection.BASE] * ROWS),
-            "transformers generate": hf_generate(base),
-            "peft mixed-batch generate": hf_generate(peft_model, adapter_names=names),
-            "peft sequential set_adapter+generate": peft_sequential(peft_model, names),
-        }
-        tput = measure(cases)
-        eng8.close()
-        eng64, names64 = engine_with(base, tokenizer, clones, max_rows=64)
-        latencies: dict[str, list[float]] = {}
-        tput64 = measure(
+        s = in_fresh_thread(lambda: setup(Path(tmp)))  # the main thread never runs torch ops
+        base, tok = s["base"], s["tokenizer"]
+        tput = measure(
             {
-                "64 requests, 64 distinct adapters": lambda: run_engine(eng64, names64, latencies=latencies),
-                "64 requests, one shared adapter": lambda: run_engine(eng64, [names64[0]] * 64),
+                "engine 8 distinct adapters": engine_case(base, tok, s["paths"], lambda names: names),
+                "engine no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS),
+                "transformers generate": hf_generate(base),
+                "peft mixed-batch generate": hf_generate(s["peft"], adapter_names=s["names"]),
+                "peft sequential set_adapter+generate": peft_sequential(s["peft"], s["names"]),
             }
         )
-        eng64.close()
+        latencies: dict[str, list[float]] = {}
+        distinct64 = engine_case(base, tok, s["clones"], lambda names: names)
+        runs = iter(range(ROUNDS + 1))
+        tput64 = measure(
+            {  # latencies from the measured rounds only, not the warm-up
+                "64 requests, 64 distinct adapters": lambda: distinct64(latencies if next(runs) else None),
+                "64 requests, one shared adapter": engine_case(base, tok, s["clones"], lambda names: [names[0]] * 64),
+            }
+        )
     report(tput, tput64, latencies)
 
 

@@ -1,9 +1,10 @@
 """What the servicers call: the engine and its adapter manager, reached only from worker threads.
 
-Blocking work never runs on the event loop: adapter-manager calls (LoadAdapter reads and validates files, maybe
-from the Hub) and ``Engine.submit`` (which tokenizes) run in a small thread pool; the model itself only ever
-runs on the engine's own thread. Until the base model is loaded every call fails with UNAVAILABLE
-(MODEL_LOADING); once draining, mutations and new generations fail with UNAVAILABLE (SHUTTING_DOWN).
+Blocking work never runs on the event loop: ``Engine.submit`` (which tokenizes) and the adapter manager's
+reads run in a small thread pool; LoadAdapter (files, maybe from the Hub, and tensor work) runs on a thread of
+its own that ends with it (see ``on_own_thread``); the model itself only ever runs on the engine's own thread.
+Until the base model is loaded every call fails with UNAVAILABLE (MODEL_LOADING); once draining, mutations and
+new generations fail with UNAVAILABLE (SHUTTING_DOWN).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -109,7 +111,7 @@ class Runtime:
 
     async def load_adapter(self, load: AdapterLoad) -> LoadResult:
         manager, cfg = self._mutable_manager(), self.config
-        return await self._run(
+        return await on_own_thread(
             lambda: manager.load_adapter(
                 load.source,
                 load.name,
@@ -120,7 +122,8 @@ class Runtime:
                 autocast_adapter_dtype=load.autocast_adapter_dtype,
                 token=cfg.hub_token,
                 cache_dir=cfg.hub_cache_dir,
-            )
+            ),
+            name="loramux-load-adapter",
         )
 
     async def unload_adapter(self, name: str, *, allow_missing: bool) -> AdapterInfo | None:
@@ -185,3 +188,38 @@ def warm_up(engine: Engine) -> None:
     request = GenerationRequest(prompt=(0,), adapter=AdapterSelection.BASE, max_new_tokens=1, ignore_eos=True)
     for _ in engine.submit(request):
         pass
+
+
+def on_own_thread(fn: Callable[[], T], *, name: str) -> asyncio.Future[T]:
+    """Run blocking torch work on a daemon thread of its own that ends with it, from the event loop.
+
+    Why not a pool: every thread that runs torch ops keeps an OpenMP thread pool for as long as it lives,
+    and two live pools make libgomp throttle its spin-waits, which slowed the engine's decode steps by a
+    third on 2 cores (bench/engine.py). A thread that ends takes its pool with it. A daemon thread also
+    lets a signal during a long load stop the process without waiting for it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop already closed: the server stopped while this was running
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

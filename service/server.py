@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import signal
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,7 +26,7 @@ from core.engine import Engine
 from core.errors import LoramuxError
 from service.config import ADAPTER_SERVICE, GENERATION_SERVICE, ServiceConfig
 from service.metrics import Metrics
-from service.runtime import Runtime, build_engine
+from service.runtime import Runtime, build_engine, on_own_thread
 from service.servicer import AdapterServicer, GenerationServicer
 
 log = logging.getLogger("loramux.service")
@@ -118,7 +117,9 @@ async def serve(config: ServiceConfig) -> int:
     print(f"loramux listening on {_host(config.network.host)}:{port}", flush=True)
     if server.metrics is not None:
         print(f"loramux metrics on http://{_host(config.network.host)}:{server.metrics.port}/metrics", flush=True)
-    loading = _in_daemon_thread(functools.partial(build_engine, observer=server.adapter_observer), config)
+    loading = on_own_thread(
+        functools.partial(build_engine, config, observer=server.adapter_observer), name="loramux-load"
+    )
     stopping = asyncio.ensure_future(stop.wait())
     waiters: set[asyncio.Future[Any]] = {loading, stopping}
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -135,32 +136,3 @@ async def serve(config: ServiceConfig) -> int:
     stopping.cancel()
     await server.shutdown(0 if exit_code else None)
     return exit_code
-
-
-def _in_daemon_thread(fn: Callable[[ServiceConfig], T], config: ServiceConfig) -> asyncio.Future[T]:
-    """Run a blocking start-up step on a daemon thread, so a signal during it does not wait for it to end."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        result: T | None = None
-        error: BaseException | None = None
-        try:
-            result = fn(config)
-        except BaseException as exc:
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop already closed: the server stopped while this was running
-            pass
-
-    threading.Thread(target=run, name="loramux-load", daemon=True).start()
-    return future
