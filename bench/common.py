@@ -92,15 +92,7 @@ def stdlib_text(max_bytes: int = 4_000_000) -> list[str]:
 
 
 def bpe_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
-    """A byte-level BPE trained here on stdlib text (no downloads), loadable as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's byte-level BPE recipe (demo/tokenizer.py), trained here on stdlib text (no downloads)."""
+    from demo.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(stdlib_text(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return train_tokenizer(stdlib_text(), vocab_size=vocab_size)

@@ -28,6 +28,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+# The tiny generation set-up (tokenizer, base_model, adapter_dirs) for engine, service and client tests.
+pytest_plugins = ["tests.generation_fixtures"]
+
 ARCHS = ("llama", "gpt2", "qwen2")
 VOCAB = 128
 SEQ_LEN = 6

@@ -1,5 +1,5 @@
 """The real in-process server fixtures of tests/service (harness.py), for the client and CLI tests."""
 
-from tests.service.harness import adapter_dirs, base_model, make_server, server, tokenizer
+from tests.service.harness import make_server, server
 
-__all__ = ["adapter_dirs", "base_model", "make_server", "server", "tokenizer"]
+__all__ = ["make_server", "server"]

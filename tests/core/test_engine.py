@@ -1,4 +1,6 @@
-"""Engine behaviour: mixed-adapter continuous batching equals PEFT greedy, sampling, streaming, limits."""
+"""Engine behaviour: mixed-adapter continuous batching equals PEFT greedy, sampling, streaming, limits.
+
+The tiny model, tokenizer and the "math"/"poet" adapters are tests/generation_fixtures.py's."""
 
 from __future__ import annotations
 
@@ -9,78 +11,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig, RequestCancelledError, ShuttingDownError
 from core.errors import AdapterNotFoundError, CapacityExceededError, InvalidArgumentError
 from core.requests import AdapterSelection, Finished, FinishReason, GenerationRequest, TokenDelta
 from core.sampling import SamplingParams
+from tests.generation_fixtures import VOCAB
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Café, naïve façade, Straße — 中文字符 and emoji 🙂🎉 in one line.",
-    "def main():\n    return 42  # the answer",
-] * 40
-VOCAB = 320
-
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
-@pytest.fixture(scope="module")
-def base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(base: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from peft import LoraConfig, get_peft_model
-
-    root = tmp_path_factory.mktemp("adapters")
-    dirs = {}
-    for i, (name, targets) in enumerate([("a", "all-linear"), ("b", ["q_proj", "v_proj", "down_proj"])]):
-        torch.manual_seed(10 + i)
-        config = LoraConfig(r=4 + 4 * i, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-        get_peft_model(copy.deepcopy(base), config).save_pretrained(root / name)
-        dirs[name] = root / name
-    return dirs
-
-
-@pytest.fixture(scope="module")
-def peft_model(base: LlamaForCausalLM, adapter_dirs: dict[str, Path]):
+def peft_model(base_model: LlamaForCausalLM, adapter_dirs: dict[str, Path]):
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dirs["a"]), adapter_name="a")
-    model.load_adapter(str(adapter_dirs["b"]), "b")
+    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dirs["math"]), adapter_name="math")
+    model.load_adapter(str(adapter_dirs["poet"]), "poet")
     return model.eval()
 
 
-def make_engine(base, tokenizer, adapter_dirs, **config) -> Engine:
-    model = copy.deepcopy(base)
+def make_engine(base_model, tokenizer, adapter_dirs, **config) -> Engine:
+    model = copy.deepcopy(base_model)
     manager = AdapterManager(model)
     for name, path in adapter_dirs.items():
         manager.load_adapter(str(path), name)
@@ -88,8 +41,8 @@ def make_engine(base, tokenizer, adapter_dirs, **config) -> Engine:
 
 
 @pytest.fixture
-def engine(base, tokenizer, adapter_dirs):
-    eng = make_engine(base, tokenizer, adapter_dirs)
+def engine(base_model, tokenizer, adapter_dirs):
+    eng = make_engine(base_model, tokenizer, adapter_dirs)
     yield eng
     eng.close()
 
@@ -120,7 +73,7 @@ def peft_greedy(peft_model, prompt: list[int], adapter: str | None, n: int) -> l
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 21], [30, 31, 32, 33]]
-CHOICES: list[str | AdapterSelection] = ["a", "b", AdapterSelection.BASE, "a", "b"]
+CHOICES: list[str | AdapterSelection] = ["math", "poet", AdapterSelection.BASE, "math", "poet"]
 
 
 def test_mixed_adapters_equal_peft_greedy(engine, peft_model):
@@ -137,7 +90,7 @@ def test_mixed_adapters_equal_peft_greedy(engine, peft_model):
 
 
 def test_rows_joining_mid_flight_equal_peft_greedy(engine, peft_model):
-    first = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter="a", max_new_tokens=12, ignore_eos=True))
+    first = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter="math", max_new_tokens=12, ignore_eos=True))
     stream = iter(first)
     head = [next(stream) for _ in range(3)]  # the first request is decoding when the others arrive
     later = [
@@ -145,23 +98,25 @@ def test_rows_joining_mid_flight_equal_peft_greedy(engine, peft_model):
         for p, a in zip(PROMPTS[1:], CHOICES[1:], strict=True)
     ]
     ids = [t for e in head for t in e.token_ids] + [t for e in stream if isinstance(e, TokenDelta) for t in e.token_ids]
-    assert ids == peft_greedy(peft_model, PROMPTS[0], "a", 12)
+    assert ids == peft_greedy(peft_model, PROMPTS[0], "math", 12)
     for prompt, choice, channel in zip(PROMPTS[1:], CHOICES[1:], later, strict=True):
         name = None if choice is AdapterSelection.BASE else choice
         assert collect(channel)[0] == peft_greedy(peft_model, prompt, name, 6)
 
 
 def test_default_adapter_is_resolved_at_submit(engine, peft_model):
-    engine.manager.set_adapter("b")
+    engine.manager.set_adapter("poet")
     ids, _, finished = collect(engine.submit(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=5, ignore_eos=True)))
-    assert finished.adapter == "b"
-    assert ids == peft_greedy(peft_model, PROMPTS[0], "b", 5)
+    assert finished.adapter == "poet"
+    assert ids == peft_greedy(peft_model, PROMPTS[0], "poet", 5)
 
 
-def test_seeded_sampling_is_independent_of_batch_composition(base, tokenizer, adapter_dirs):
+def test_seeded_sampling_is_independent_of_batch_composition(base_model, tokenizer, adapter_dirs):
     sampling = SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=1234)
-    request = GenerationRequest(prompt=PROMPTS[2], adapter="a", sampling=sampling, max_new_tokens=16, ignore_eos=True)
-    eng = make_engine(base, tokenizer, adapter_dirs)
+    request = GenerationRequest(
+        prompt=PROMPTS[2], adapter="math", sampling=sampling, max_new_tokens=16, ignore_eos=True
+    )
+    eng = make_engine(base_model, tokenizer, adapter_dirs)
     try:
         alone = collect(eng.submit(request))[0]
         others = [
@@ -184,7 +139,11 @@ def test_seeded_sampling_is_independent_of_batch_composition(base, tokenizer, ad
 def test_streamed_text_is_valid_utf8_and_concatenates_to_the_decode(engine, tokenizer):
     prompt = "Café, naïve façade, Straße — 中文字符 and emoji 🙂"
     request = GenerationRequest(
-        prompt=prompt, adapter="a", sampling=SamplingParams(temperature=1.0, seed=7), max_new_tokens=40, ignore_eos=True
+        prompt=prompt,
+        adapter="math",
+        sampling=SamplingParams(temperature=1.0, seed=7),
+        max_new_tokens=40,
+        ignore_eos=True,
     )
     deltas, ids = [], []
     for event in engine.submit(request):
@@ -201,23 +160,23 @@ def test_streamed_text_is_valid_utf8_and_concatenates_to_the_decode(engine, toke
 
 
 def test_stop_string_ends_the_stream_before_the_stop(engine):
-    base_request = GenerationRequest(prompt=PROMPTS[1], adapter="b", max_new_tokens=24, ignore_eos=True)
+    base_request = GenerationRequest(prompt=PROMPTS[1], adapter="poet", max_new_tokens=24, ignore_eos=True)
     _, full_text, _ = collect(engine.submit(base_request))
     stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 3]
     assert stop, "the greedy output is empty"
-    request = GenerationRequest(prompt=PROMPTS[1], adapter="b", max_new_tokens=24, ignore_eos=True, stop=(stop,))
+    request = GenerationRequest(prompt=PROMPTS[1], adapter="poet", max_new_tokens=24, ignore_eos=True, stop=(stop,))
     _, text, finished = collect(engine.submit(request))
     assert finished.reason is FinishReason.STOP_SEQUENCE
     assert text == full_text[: full_text.index(stop)]
 
 
-def test_cancel_frees_the_row_within_one_step(base, tokenizer, adapter_dirs):
+def test_cancel_frees_the_row_within_one_step(base_model, tokenizer, adapter_dirs):
     sizes: list[int] = []
-    eng = make_engine(base, tokenizer, adapter_dirs)
+    eng = make_engine(base_model, tokenizer, adapter_dirs)
     eng._on_step = sizes.append  # observe each decode step's batch size
     try:
         channels = [
-            eng.submit(GenerationRequest(prompt=p, adapter="a", max_new_tokens=200, ignore_eos=True))
+            eng.submit(GenerationRequest(prompt=p, adapter="math", max_new_tokens=200, ignore_eos=True))
             for p in PROMPTS[:3]
         ]
         streams = [iter(c) for c in channels]
@@ -241,9 +200,9 @@ def test_cancel_frees_the_row_within_one_step(base, tokenizer, adapter_dirs):
         eng.close()
 
 
-def test_max_batch_rows_queues_the_rest(base, tokenizer, adapter_dirs):
+def test_max_batch_rows_queues_the_rest(base_model, tokenizer, adapter_dirs):
     sizes: list[int] = []
-    eng = make_engine(base, tokenizer, adapter_dirs, max_batch_rows=2)
+    eng = make_engine(base_model, tokenizer, adapter_dirs, max_batch_rows=2)
     eng._on_step = sizes.append
     try:
         channels = [
@@ -279,8 +238,8 @@ def test_max_batch_rows_queues_the_rest(base, tokenizer, adapter_dirs):
         ({}, {"prompt": [1, 2], "adapter": "missing"}, AdapterNotFoundError, "adapter"),
     ],
 )
-def test_limits_and_bad_input_are_refused(base, tokenizer, adapter_dirs, config, request_kwargs, error, field):
-    eng = make_engine(base, tokenizer, adapter_dirs, **config)
+def test_limits_and_bad_input_are_refused(base_model, tokenizer, adapter_dirs, config, request_kwargs, error, field):
+    eng = make_engine(base_model, tokenizer, adapter_dirs, **config)
     try:
         with pytest.raises(error) as info:
             eng.submit(GenerationRequest(**request_kwargs))
@@ -290,8 +249,8 @@ def test_limits_and_bad_input_are_refused(base, tokenizer, adapter_dirs, config,
         eng.close()
 
 
-def test_queue_limit_refuses_with_resource_exhausted(base, tokenizer, adapter_dirs):
-    eng = make_engine(base, tokenizer, adapter_dirs, max_queued=1, max_batch_rows=1)
+def test_queue_limit_refuses_with_resource_exhausted(base_model, tokenizer, adapter_dirs):
+    eng = make_engine(base_model, tokenizer, adapter_dirs, max_queued=1, max_batch_rows=1)
     gate = threading.Event()
     eng._on_step = lambda _: gate.wait()  # hold the engine inside its first decode step
     try:
@@ -307,40 +266,40 @@ def test_queue_limit_refuses_with_resource_exhausted(base, tokenizer, adapter_di
 
 
 def test_unload_while_in_flight_keeps_the_weights(engine, peft_model):
-    channel = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter="a", max_new_tokens=10, ignore_eos=True))
+    channel = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter="math", max_new_tokens=10, ignore_eos=True))
     stream = iter(channel)
     first = next(stream)
-    engine.manager.unload_adapter("a")
+    engine.manager.unload_adapter("math")
     rest = [t for e in stream if isinstance(e, TokenDelta) for t in e.token_ids]
-    assert list(first.token_ids) + rest == peft_greedy(peft_model, PROMPTS[0], "a", 10)
+    assert list(first.token_ids) + rest == peft_greedy(peft_model, PROMPTS[0], "math", 10)
     with pytest.raises(AdapterNotFoundError):
-        engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter="a"))
+        engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter="math"))
 
 
 def test_async_iteration(engine, peft_model):
     async def run() -> list[int]:
-        channel = engine.submit(GenerationRequest(prompt=PROMPTS[3], adapter="b", max_new_tokens=6, ignore_eos=True))
+        channel = engine.submit(GenerationRequest(prompt=PROMPTS[3], adapter="poet", max_new_tokens=6, ignore_eos=True))
         return [t async for e in channel if isinstance(e, TokenDelta) for t in e.token_ids]
 
-    assert asyncio.run(run()) == peft_greedy(peft_model, PROMPTS[3], "b", 6)
+    assert asyncio.run(run()) == peft_greedy(peft_model, PROMPTS[3], "poet", 6)
 
 
 def test_eos_finishes_unless_ignored(engine):
     # Find the greedy continuation, then declare its third token the EOS.
     ids, _, _ = collect(
-        engine.submit(GenerationRequest(prompt=PROMPTS[4], adapter="a", max_new_tokens=6, ignore_eos=True))
+        engine.submit(GenerationRequest(prompt=PROMPTS[4], adapter="math", max_new_tokens=6, ignore_eos=True))
     )
     engine._eos = {ids[2]}
     stopped_ids, _, finished = collect(
-        engine.submit(GenerationRequest(prompt=PROMPTS[4], adapter="a", max_new_tokens=6))
+        engine.submit(GenerationRequest(prompt=PROMPTS[4], adapter="math", max_new_tokens=6))
     )
     assert finished.reason is FinishReason.EOS
     assert stopped_ids == ids[: ids.index(ids[2])]
     assert finished.completion_tokens == ids.index(ids[2]) + 1
 
 
-def test_close_ends_queued_and_running_requests(base, tokenizer, adapter_dirs):
-    eng = make_engine(base, tokenizer, adapter_dirs)
+def test_close_ends_queued_and_running_requests(base_model, tokenizer, adapter_dirs):
+    eng = make_engine(base_model, tokenizer, adapter_dirs)
     channel = eng.submit(GenerationRequest(prompt=[1, 2, 3], max_new_tokens=1000, ignore_eos=True))
     stream = iter(channel)
     next(stream)

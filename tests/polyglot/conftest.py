@@ -1,5 +1,5 @@
 """Fixtures of the polyglot tests: real servers on free ports (tests/service/harness.py)."""
 
-from tests.service.harness import adapter_dirs, base_model, make_server, model_dir, server, tokenizer
+from tests.service.harness import make_server, model_dir, server
 
-__all__ = ["adapter_dirs", "base_model", "make_server", "model_dir", "server", "tokenizer"]
+__all__ = ["make_server", "model_dir", "server"]

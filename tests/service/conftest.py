@@ -1,5 +1,6 @@
-"""Fixtures of the service tests (defined in harness.py, shared with tests/clients)."""
+"""Fixtures of the service tests (defined in harness.py, shared with tests/clients and tests/polyglot); the
+tiny model, tokenizer and adapters come from tests/generation_fixtures.py for every test directory."""
 
-from tests.service.harness import adapter_dirs, base_model, make_server, model_dir, server, tokenizer
+from tests.service.harness import make_server, model_dir, server
 
-__all__ = ["adapter_dirs", "base_model", "make_server", "model_dir", "server", "tokenizer"]
+__all__ = ["make_server", "model_dir", "server"]
