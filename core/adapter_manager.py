@@ -107,8 +107,8 @@ class AdapterManager:
         """Load a PEFT LoRA adapter from a folder or the Hub. It does not become the default (as in PEFT).
 
         low_cpu_mem_usage is accepted for PEFT compatibility: loramux always builds each tensor once, directly
-        in its final dtype and device, with no randomly initialised copy. ephemeral_gpu_offload runs the
-        load-time checks and casts on CUDA when the base lives on the CPU; without CUDA it has no effect.
+        in its final dtype and device, with no randomly initialised copy. ephemeral_gpu_offload does the
+        load-time dtype casts on CUDA when the base lives on the CPU; without CUDA it has no effect.
         """
         del low_cpu_mem_usage  # always the case, see above
         started = time.monotonic()

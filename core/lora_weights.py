@@ -73,7 +73,7 @@ class LoadOptions:
     autocast_adapter_dtype: bool  # fp16/bf16 LoRA weights computed in fp32, as PEFT does
     trainable: bool
     max_rank: int
-    work_device: torch.device | None = None  # ephemeral GPU for checks and casts; None: read_device
+    work_device: torch.device | None = None  # ephemeral GPU for the dtype casts; None: where it was read
 
 
 @dataclass(frozen=True)
