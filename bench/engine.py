@@ -27,7 +27,7 @@ from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig
 from core.requests import AdapterSelection, GenerationRequest, TokenDelta
 
-PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 3
+PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
 
 
 def prompts(count: int) -> list[list[int]]:
