@@ -30,7 +30,7 @@ from core.errors import (
     ShuttingDownError,
 )
 from core.requests import AdapterSelection, EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta
-from core.routing import RoutingPlan, use_plan
+from core.routing import RoutingPlan, swap_remove, use_plan
 from core.sampling import RowSampler, sample_next_tokens
 from core.text_stream import TextStream
 
@@ -316,31 +316,38 @@ class Engine:
                 row.channel.put(TokenDelta(text=delta, token_ids=token_ids))
 
     def _drop_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if r.finish is None and not r.channel.cancelled.is_set()]
-        if len(keep) == len(self._rows):
+        """Rows that finished or were cancelled leave; the last rows fill their places (swap_remove), so the
+        KV cache is re-selected but the routing plan only copies the moved rows."""
+        removed = {i for i, r in enumerate(self._rows) if r.finish is not None or r.channel.cancelled.is_set()}
+        if not removed:
             return
-        for row in self._rows:
-            if row.finish is None and row.channel.cancelled.is_set():
+        for i in sorted(removed):
+            row = self._rows[i]
+            if row.finish is None:
                 row.channel.put(RequestCancelledError("the request was cancelled"))
-            elif row.finish is not None:
-                row.channel.put(
-                    Finished(
-                        reason=row.finish,
-                        prompt_tokens=len(row.prompt_ids),
-                        completion_tokens=row.generated,
-                        adapter=row.adapter.name if row.adapter is not None else None,
-                        adapter_version=row.adapter.version if row.adapter is not None else 0,
-                        stop_sequence=row.text.matched_stop,
-                        seed=None if row.request.sampling.greedy else row.sampler.seed,
-                    )
-                )
-        self._rows = [self._rows[i] for i in keep]
-        self._plan = None
+            else:
+                row.channel.put(self._finished_event(row, row.finish))
+        order, moves = swap_remove(len(self._rows), removed)
+        self._rows = [self._rows[i] for i in order]
         if not self._rows:
-            self._cache, self._mask = None, None
-        else:
-            assert self._cache is not None and self._mask is not None
-            self._mask = kv_batch.select_rows(self._cache, self._mask, keep)
+            self._cache, self._mask, self._plan = None, None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        self._mask = kv_batch.select_rows(self._cache, self._mask, order)
+        if self._plan is not None:
+            self._plan = self._plan.compact(moves, len(order))
+
+    @staticmethod
+    def _finished_event(row: _Row, reason: FinishReason) -> Finished:
+        return Finished(
+            reason=reason,
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=row.generated,
+            adapter=row.adapter.name if row.adapter is not None else None,
+            adapter_version=row.adapter.version if row.adapter is not None else 0,
+            stop_sequence=row.text.matched_stop,
+            seed=None if row.request.sampling.greedy else row.sampler.seed,
+        )
 
     def _fail_all(self, error: LoramuxError, cause: BaseException | None) -> None:
         for row in self._rows:

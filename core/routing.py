@@ -33,11 +33,45 @@ class Route:
         """The module's output for x; args/kwargs are the extra arguments of the base module's call."""
         raise NotImplementedError
 
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        """In place: row dst takes row src's routing for each (dst, src) in moves, then keep the first
+        ``rows`` rows. Routes without per-row state need nothing."""
+
 
 @dataclass(frozen=True)
 class RoutingPlan:
     rows: int
     routes: Mapping[str, Route]
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> RoutingPlan:
+        """The plan after rows left the batch (see ``swap_remove``): only the moved rows are copied, where a
+        rebuild would copy every row's stacks (115 ms at 64 distinct adapters). Updates the routes in place."""
+        for route in self.routes.values():
+            route.compact(moves, rows)
+        return RoutingPlan(rows=rows, routes=self.routes)
+
+
+def swap_remove(n: int, removed: set[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rows left a batch of n: (order, moves). order[i] is the old index of new row i; each hole below the new
+    size is filled by a surviving row from the tail (moves: (dst, src)), so the other rows stay where they are."""
+    kept = n - len(removed)
+    holes = [i for i in sorted(removed) if i < kept]
+    tail = [j for j in range(kept, n) if j not in removed]
+    moves = list(zip(holes, tail, strict=True))
+    order = list(range(kept))
+    for dst, src in moves:
+        order[dst] = src
+    return order, moves
+
+
+def _move_rows(t: Tensor, moves: Sequence[tuple[int, int]], rows: int) -> Tensor:
+    """t (N, ...): copy rows src -> dst (src >= rows > dst, so no overlap), keep the first rows (a view)."""
+    if moves:
+        dst = torch.tensor([d for d, _ in moves], device=t.device)
+        src = torch.tensor([s for _, s in moves], device=t.device)
+        with torch.no_grad():
+            t[dst] = t[src]
+    return t[:rows]
 
 
 _CURRENT_PLAN: ContextVar[RoutingPlan | None] = ContextVar("loramux_routing_plan", default=None)
@@ -99,6 +133,11 @@ class GatheredLinear(Route):
             biases = [lo.bias if lo.bias is not None else zero.B.new_zeros(zero.B.shape[0]) for lo in rows]
             self.bias = (torch.stack(biases).to(dtype) * scaling[:, None]).unsqueeze(1)
 
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        self.At, self.Bt = _move_rows(self.At, moves, rows), _move_rows(self.Bt, moves, rows)
+        if self.bias is not None:
+            self.bias = _move_rows(self.bias, moves, rows)
+
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (N, T, in)
@@ -133,6 +172,9 @@ class RoutedEmbedding(Route):
             ]
         )  # (N, r_max, d)
 
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        self.row_slot, self.Bt = _move_rows(self.row_slot, moves, rows), _move_rows(self.Bt, moves, rows)
+
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (N, T, d)
         ids = x.reshape(x.shape[0], -1)  # (N, T)
@@ -150,13 +192,24 @@ class SavedModules(Route):
 
     def __init__(self, row_modules: Sequence[nn.Module | None], *, fallback: Route | None = None) -> None:
         self.fallback = fallback
+        self._group(list(row_modules))
+
+    def _group(self, row_modules: list[nn.Module | None]) -> None:
+        self.row_modules = row_modules
         self.uniform = row_modules[0] if all(m is row_modules[0] for m in row_modules) else None
         distinct = {id(m): m for m in row_modules if m is not None}
-        device = next(next(iter(distinct.values())).parameters()).device
         self.groups = [
-            (torch.tensor([i for i, m in enumerate(row_modules) if m is mod], device=device), mod)
+            (torch.tensor([i for i, m in enumerate(row_modules) if m is mod], device=_device_of(mod)), mod)
             for mod in distinct.values()
         ]
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        row_modules = list(self.row_modules)
+        for dst, src in moves:
+            row_modules[dst] = row_modules[src]
+        self._group(row_modules[:rows])
+        if self.fallback is not None:
+            self.fallback.compact(moves, rows)
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         if self.uniform is not None:
@@ -169,6 +222,10 @@ class SavedModules(Route):
             copied = module(x.index_select(0, rows), *args, **kwargs)
             out = out.index_copy(0, rows, copied.to(out.dtype))
         return out
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _padded(lora: LinearLora, r_max: int, dtype: torch.dtype) -> LinearLora:

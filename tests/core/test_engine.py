@@ -309,3 +309,16 @@ def test_close_ends_queued_and_running_requests(base_model, tokenizer, adapter_d
             pass
     with pytest.raises(ShuttingDownError):
         eng.submit(GenerationRequest(prompt=[1, 2]))
+
+
+def test_rows_leaving_at_different_steps_keep_their_outputs(engine, peft_model):
+    """Rows finish one after another (swap_remove moves tail rows into their places): every row still
+    decodes exactly its own greedy continuation."""
+    lengths = [3, 9, 5, 12, 7]
+    channels = [
+        engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=n, ignore_eos=True))
+        for p, a, n in zip(PROMPTS, CHOICES, lengths, strict=True)
+    ]
+    for prompt, choice, n, channel in zip(PROMPTS, CHOICES, lengths, channels, strict=True):
+        name = None if choice is AdapterSelection.BASE else choice
+        assert collect(channel)[0] == peft_greedy(peft_model, prompt, name, n)
