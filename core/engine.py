@@ -73,6 +73,14 @@ class _Row:
 
 
 class Engine:
+    """Generates for many requests at once on one thread that owns the model.
+
+    ``submit`` (any thread) validates a request and queues it; the engine thread admits queued requests at
+    step boundaries, decodes every running row in one forward, and streams events to each request's channel.
+    Keep other long-lived threads off torch: each keeps an OpenMP pool, and two live pools slow the engine's
+    steps markedly on small machines (BENCHMARKS.md).
+    """
+
     def __init__(
         self,
         model: nn.Module,
