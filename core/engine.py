@@ -29,8 +29,9 @@ from core.errors import (
     RequestCancelledError,
     ShuttingDownError,
 )
+from core.lora_weights import AdapterWeights
 from core.requests import AdapterSelection, EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta
-from core.routing import RoutingPlan, swap_remove, use_plan
+from core.routing import RoutingPlan, extend_plan, swap_remove, use_plan
 from core.sampling import RowSampler, sample_next_tokens
 from core.text_stream import TextStream
 
@@ -258,6 +259,7 @@ class Engine:
                 log.exception("prefill failed")
                 for row in new:
                     row.channel.put(EngineFailure("generation failed inside the engine"))
+                    row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
         return stop
 
     def _prefill(self, new: list[_Row]) -> None:
@@ -276,8 +278,9 @@ class Engine:
             self._cache, self._mask = cache, mask
         else:
             self._mask = kv_batch.merge(self._cache, self._mask, cache, mask)
+        if self._plan is not None:  # the new rows join the decode plan at its end, like the cache
+            self._plan = extend_plan(self._plan, _weights(self._rows), _weights(new))
         self._rows.extend(new)
-        self._plan = None  # composition changed
         self._emit(new, out.logits[:, -1, :])
 
     def _decode_step(self) -> None:
@@ -371,6 +374,10 @@ class Engine:
                 return
             if row is not None:
                 row.channel.put(ShuttingDownError("the server shut down before this request started"))
+
+
+def _weights(rows: Sequence[_Row]) -> list[AdapterWeights | None]:
+    return [r.adapter.weights if r.adapter is not None else None for r in rows]
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -8,8 +8,9 @@ The per-row math is the hot path of every decode step. bench/lora_routing.py mea
 loop over adapters (PEFT's mixed batch) and one wide masked matmul over stacked adapters; gather-bmm won in
 every case measured (BENCHMARKS.md), so two routes remain:
 - ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
-- ``GatheredLinear``: per-row A/B stacks gathered once per plan (per batch composition, not per step), then
-  one bmm and one fused baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
+- ``GatheredLinear``: per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
+  compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
+  baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class RoutingPlan:
         for route in self.routes.values():
             route.compact(moves, rows)
         return RoutingPlan(rows=rows, routes=self.routes)
+
+
+def extend_plan(
+    plan: RoutingPlan, rows: Sequence[AdapterWeights | None], new: Sequence[AdapterWeights | None]
+) -> RoutingPlan:
+    """The plan after rows ``new`` join a batch routed by ``plan`` (whose rows are ``rows``). Gathered linear
+    routes append the new rows' slices in place; any other change (a uniform route turning mixed, a larger
+    rank, embeddings, modules_to_save) rebuilds that module's route."""
+    combined = [*rows, *new]
+    rebuilt = build_plan(combined, reuse=plan.routes, new_rows=new)
+    return RoutingPlan(rows=len(combined), routes=rebuilt.routes)
 
 
 def swap_remove(n: int, removed: set[int]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -109,34 +121,80 @@ class UniformLinear(Route):
 
 
 class GatheredLinear(Route):
-    """Rows without this module's LoRA get zero weights, which adds exactly 0."""
+    """Rows without this module's LoRA get zero weights, which adds exactly 0.
+
+    The stacks live in buffers with spare capacity (doubling), so rows join by writing their own slices and
+    leave by moving the last rows into their places: neither copies the other rows.
+    """
 
     def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
-        present = {id(lo): lo for lo in row_loras if lo is not None}
-        r_max = max(lo.A.shape[0] for lo in present.values())
-        dtype = _common_dtype([lo.A for lo in present.values()])
-        ref = next(iter(present.values()))
-        zero = LinearLora(
-            ref.A.new_zeros(r_max, ref.A.shape[1], dtype=dtype),
-            ref.B.new_zeros(ref.B.shape[0], r_max, dtype=dtype),
+        present = [lo for lo in row_loras if lo is not None]
+        self.r_max = max(lo.A.shape[0] for lo in present)
+        self.dtype = _common_dtype([lo.A for lo in present])
+        self.has_bias = any(lo.bias is not None for lo in present)
+        self.n = 0
+        ref = present[0]
+        self._zero = LinearLora(
+            ref.A.new_zeros(self.r_max, ref.A.shape[1], dtype=self.dtype),
+            ref.B.new_zeros(ref.B.shape[0], self.r_max, dtype=self.dtype),
             None,
             0.0,
         )
-        padded = {key: _padded(lo, r_max, dtype) for key, lo in present.items()}
-        rows = [padded[id(lo)] if lo is not None else zero for lo in row_loras]
-        scaling = torch.tensor([lo.scaling for lo in rows], dtype=dtype, device=ref.A.device)  # (N,)
-        # Laid out (N, in, r) and (N, r, out): contiguous operands measured faster in bmm than views.
-        self.At = torch.stack([lo.A for lo in rows]).transpose(1, 2).contiguous()  # (N, in, r_max)
-        self.Bt = (torch.stack([lo.B for lo in rows]) * scaling[:, None, None]).transpose(1, 2).contiguous()
-        self.bias: Tensor | None = None  # (N, 1, out)
-        if any(lo.bias is not None for lo in rows):
-            biases = [lo.bias if lo.bias is not None else zero.B.new_zeros(zero.B.shape[0]) for lo in rows]
-            self.bias = (torch.stack(biases).to(dtype) * scaling[:, None]).unsqueeze(1)
+        self._bufs: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self.append(row_loras)
+
+    def can_append(self, row_loras: Sequence[LinearLora | None]) -> bool:
+        present = [lo for lo in row_loras if lo is not None]
+        return all(
+            lo.A.shape[0] <= self.r_max and lo.A.dtype == self.dtype and (lo.bias is None or self.has_bias)
+            for lo in present
+        )
+
+    def append(self, row_loras: Sequence[LinearLora | None]) -> None:
+        """Rows join at the end (callers check can_append first)."""
+        rows = [_padded(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
+        k = len(rows)
+        scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.A.device)  # (k,)
+        # Laid out (k, in, r) and (k, r, out): contiguous operands measured faster in bmm than views.
+        at = torch.stack([lo.A for lo in rows]).transpose(1, 2)  # (k, in, r_max)
+        bt = (torch.stack([lo.B for lo in rows]) * scaling[:, None, None]).transpose(1, 2)  # (k, r_max, out)
+        bias = None
+        if self.has_bias:
+            biases = [lo.bias if lo.bias is not None else self._zero.B.new_zeros(self._zero.B.shape[0]) for lo in rows]
+            bias = (torch.stack(biases).to(self.dtype) * scaling[:, None]).unsqueeze(1)  # (k, 1, out)
+        self._reserve(self.n + k, like=(at, bt, bias))
+        assert self._bufs is not None
+        for buf, new in zip(self._bufs, (at, bt, bias), strict=True):
+            if buf is not None and new is not None:
+                buf[self.n : self.n + k] = new
+        self.n += k
+        self._refresh_views()
+
+    def _reserve(self, rows: int, *, like: tuple[Tensor, Tensor, Tensor | None]) -> None:
+        capacity = 0 if self._bufs is None else self._bufs[0].shape[0]
+        if rows <= capacity:
+            return
+        capacity = max(1 << (rows - 1).bit_length(), 2 * capacity)  # a power of two: joins seldom regrow
+        grown = tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)
+        if self._bufs is not None:
+            for old, buf in zip(self._bufs, grown, strict=True):
+                if old is not None and buf is not None:
+                    buf[: self.n] = old[: self.n]
+        self._bufs = grown  # type: ignore[assignment]
+
+    def _refresh_views(self) -> None:
+        assert self._bufs is not None
+        at, bt, bias = self._bufs
+        self.At, self.Bt = at[: self.n], bt[: self.n]  # (N, in, r_max), (N, r_max, out)
+        self.bias = bias[: self.n] if bias is not None else None  # (N, 1, out)
 
     def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
-        self.At, self.Bt = _move_rows(self.At, moves, rows), _move_rows(self.Bt, moves, rows)
-        if self.bias is not None:
-            self.bias = _move_rows(self.bias, moves, rows)
+        assert self._bufs is not None
+        for buf in self._bufs:
+            if buf is not None:
+                _move_rows(buf, moves, rows)
+        self.n = rows
+        self._refresh_views()
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)
@@ -254,11 +312,25 @@ def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
     return GatheredLinear(row_loras)
 
 
-def build_plan(rows: Sequence[AdapterWeights | None]) -> RoutingPlan:
-    """One route per module that at least one row's adapter touches. rows[i] is row i's adapter (None: base)."""
+def build_plan(
+    rows: Sequence[AdapterWeights | None],
+    *,
+    reuse: Mapping[str, Route] | None = None,
+    new_rows: Sequence[AdapterWeights | None] = (),
+) -> RoutingPlan:
+    """One route per module that at least one row's adapter touches. rows[i] is row i's adapter (None: base).
+
+    reuse/new_rows (from extend_plan): rows ends with new_rows, and reuse holds the routes of the rows before
+    them; gathered linear routes there are extended in place instead of rebuilt."""
     adapters = [a for a in rows if a is not None]
     routes: dict[str, Route] = {}
     for name in dict.fromkeys(n for a in adapters for n in a.linear):
+        old = (reuse or {}).get(name)
+        added = [a.linear.get(name) if a is not None else None for a in new_rows]
+        if isinstance(old, GatheredLinear) and old.can_append(added):
+            old.append(added)
+            routes[name] = old
+            continue
         routes[name] = linear_route([a.linear.get(name) if a is not None else None for a in rows])
     for name in dict.fromkeys(n for a in adapters for n in a.embedding):
         routes[name] = RoutedEmbedding([a.embedding.get(name) if a is not None else None for a in rows])

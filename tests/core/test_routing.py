@@ -52,3 +52,43 @@ def test_compacted_plan_routes_like_a_fresh_plan(arch, fresh_model, make_adapter
         with use_plan(fresh):
             expected = model(input_ids=ids[order]).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_extended_and_compacted_plans_route_like_fresh_plans(arch, fresh_model, make_adapter):
+    """Rows join (in place where the route allows, rebuilt where not: a uniform route turning mixed, a larger
+    rank, embeddings) and leave, in turns, as the engine does; after each change the plan routes exactly like
+    one built from scratch for the same rows."""
+    from core.routing import build_plan, extend_plan
+
+    model = fresh_model(arch)
+    manager = AdapterManager(model)
+    specs = {
+        "small": {"target_modules": [sfx(arch, "qkv"), sfx(arch, "down")], "r": 4},
+        "other": {"target_modules": [sfx(arch, "qkv")], "r": 4, "lora_bias": True},
+        "big": {"target_modules": [sfx(arch, "qkv"), "embed_tokens"], "r": 16},
+    }
+    for i, (name, kwargs) in enumerate(specs.items()):
+        manager.load_adapter(str(make_adapter(arch, name, seed=3100 + i, **kwargs)), name)
+    weights = {name: manager.acquire(name).weights for name in specs} | {None: None}
+    ids = input_ids(12, seed=11)
+    rows: list[str | None] = ["small", "small"]  # uniform to start with
+    plan = build_plan([weights[r] for r in rows])
+    steps = [("join", [None, "small"]), ("join", ["other"]), ("leave", {0}), ("join", ["big", "other", None])]
+    steps += [("leave", {1, 4}), ("join", ["small"] * 4)]
+    for kind, change in steps:
+        if kind == "join":
+            plan = extend_plan(plan, [weights[r] for r in rows], [weights[r] for r in change])
+            rows = rows + list(change)
+        else:
+            order, moves = swap_remove(len(rows), set(change))
+            plan = plan.compact(moves, len(order))
+            rows = [rows[i] for i in order]
+        fresh = build_plan([weights[r] for r in rows])
+        batch = ids[: len(rows)]
+        with torch.no_grad():
+            with use_plan(plan):
+                got = model(input_ids=batch).logits
+            with use_plan(fresh):
+                expected = model(input_ids=batch).logits
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=f"after {kind} {change}")
