@@ -1,4 +1,4 @@
-"""Per-row adapter routing: a plan built once per batch composition, applied by every wrapped module.
+"""Per-row adapter routing: a plan kept in step with the batch as rows join and leave, applied by every wrapped module.
 
 A ``RoutingPlan`` says, for each wrapped module, how to add each row's LoRA delta. It is handed to a forward
 pass through a ContextVar (``use_plan``), never stored on the model: two threads (or tasks) can run forwards
