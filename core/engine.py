@@ -8,6 +8,7 @@ request's channel as they are produced.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -46,6 +47,9 @@ class EngineConfig:
     max_total_tokens: int = 4096  # prompt + new tokens, per request
     default_max_new_tokens: int = 256
     max_new_tokens_ceiling: int = 2048
+    # Padded prompt tokens prefilled in one step (rows x longest prompt); the rest join at the next steps, so
+    # running rows keep decoding between chunks of a burst. A longer single prompt is still admitted alone.
+    max_prefill_tokens: int = 4096
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class Engine:
         self._device = next(model.parameters()).device
         self._vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
         self._queue: queue.Queue[_Row | None] = queue.Queue()
+        self._deferred: collections.deque[_Row] = collections.deque()  # taken from the queue, over the budget
+        self._stop_requested = False
         self._accepting = True
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -131,13 +137,13 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._deferred)
 
     def load(self) -> EngineLoad:
         """A snapshot of the batch and the queue, from any thread (read-only; a row may be mid-admission)."""
         rows = list(self._rows)
         with self._queue.mutex:  # queue.Queue's own lock, held only to copy its items
-            waiting = [r for r in self._queue.queue if r is not None]
+            waiting = [*self._deferred, *(r for r in self._queue.queue if r is not None)]
         return EngineLoad(
             running=len(rows),
             waiting=len(waiting),
@@ -236,19 +242,19 @@ class Engine:
         self._drain_queue()
 
     def _take_new(self, *, block: bool) -> bool:
-        """Admit queued requests up to the row limit. Returns True when asked to stop."""
+        """Admit queued requests up to the row limit and the prefill budget. Returns True when asked to stop."""
         new: list[_Row] = []
         stop = False
         while len(self._rows) + len(new) < self.config.max_batch_rows:
-            try:
-                row = self._queue.get(block=block and not new)
-            except queue.Empty:
-                break
+            row = self._next_queued(block=block and not new)
             if row is None:
-                stop = True
+                stop = self._stop_requested
                 break
             if row.channel.cancelled.is_set():
                 row.channel.put(RequestCancelledError("the request was cancelled before it started"))
+            elif new and not _fits_prefill(new, row, self.config.max_prefill_tokens):
+                self._deferred.appendleft(row)  # first in line at the next step
+                break
             else:
                 new.append(row)
         if new:
@@ -261,6 +267,20 @@ class Engine:
                     row.channel.put(EngineFailure("generation failed inside the engine"))
                     row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
         return stop
+
+    def _next_queued(self, *, block: bool) -> _Row | None:
+        """The next request: deferred ones first, then the queue. None when there is none now (or on stop)."""
+        if self._deferred:
+            return self._deferred.popleft()
+        if self._stop_requested:
+            return None
+        try:
+            row = self._queue.get(block=block)
+        except queue.Empty:
+            return None
+        if row is None:
+            self._stop_requested = True
+        return row
 
     def _prefill(self, new: list[_Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
@@ -367,6 +387,8 @@ class Engine:
         self._rows, self._cache, self._mask, self._plan = [], None, None, None
 
     def _drain_queue(self) -> None:
+        while self._deferred:
+            self._deferred.popleft().channel.put(ShuttingDownError("the server shut down before this request started"))
         while True:
             try:
                 row = self._queue.get_nowait()
@@ -374,6 +396,12 @@ class Engine:
                 return
             if row is not None:
                 row.channel.put(ShuttingDownError("the server shut down before this request started"))
+
+
+def _fits_prefill(new: Sequence[_Row], row: _Row, budget: int) -> bool:
+    """Would prefilling ``new`` plus ``row`` stay within budget padded tokens (rows x longest prompt)?"""
+    longest = max(len(row.prompt_ids), *(len(r.prompt_ids) for r in new))
+    return (len(new) + 1) * longest <= budget
 
 
 def _weights(rows: Sequence[_Row]) -> list[AdapterWeights | None]:

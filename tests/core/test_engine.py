@@ -322,3 +322,22 @@ def test_rows_leaving_at_different_steps_keep_their_outputs(engine, peft_model):
     for prompt, choice, n, channel in zip(PROMPTS, CHOICES, lengths, channels, strict=True):
         name = None if choice is AdapterSelection.BASE else choice
         assert collect(channel)[0] == peft_greedy(peft_model, prompt, name, n)
+
+
+def test_prefill_budget_spreads_a_burst_over_steps(base_model, tokenizer, adapter_dirs, peft_model):
+    """With room for two 4-token prompts per step, a burst of five joins two, two, then one at a time,
+    while the rows already admitted keep decoding; every output is still its own greedy continuation."""
+    sizes: list[int] = []
+    eng = make_engine(base_model, tokenizer, adapter_dirs, max_prefill_tokens=8)
+    eng._on_step = sizes.append
+    prompts = [[5 + i, 6 + i, 7 + i, 8 + i] for i in range(5)]
+    try:
+        channels = [
+            eng.submit(GenerationRequest(prompt=p, adapter="math", max_new_tokens=12, ignore_eos=True)) for p in prompts
+        ]
+        outputs = [collect(c)[0] for c in channels]
+    finally:
+        eng.close()
+    assert outputs == [peft_greedy(peft_model, p, "math", 12) for p in prompts]
+    assert sizes[0] <= 2  # at most two prompts fit the budget of a step
+    assert max(sizes) == 5  # the rest joined at the next steps, beside the rows already decoding
