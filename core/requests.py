@@ -57,8 +57,6 @@ class Finished:
 
 GenerationEvent = TokenDelta | Finished
 
-_END = object()
-
 
 class EventChannel:
     """Engine thread -> one consumer, sync or asyncio. Ends with Finished, or with an error raised."""

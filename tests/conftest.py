@@ -85,8 +85,10 @@ def sfx(arch: str, role: str) -> str:
 def build_base(arch: str, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
     """A tiny causal LM with seeded random weights, in eval mode, fp32."""
     torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(
+    decoder = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch in decoder:
+        config_class, model_class = decoder[arch]
+        config = config_class(
             vocab_size=VOCAB,
             hidden_size=hidden,
             intermediate_size=2 * hidden,
@@ -95,18 +97,7 @@ def build_base(arch: str, *, hidden: int = 32, layers: int = 2, seed: int = 0) -
             num_key_value_heads=2,
             max_position_embeddings=64,
         )
-        model: nn.Module = LlamaForCausalLM(config)
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = Qwen2ForCausalLM(config)
+        model: nn.Module = model_class(config)
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=VOCAB,

@@ -8,12 +8,15 @@ q/v/down r=8) in a temporary folder. Import the fixtures into a conftest or test
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from core.requests import Finished, GenerationEvent, TokenDelta
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -66,3 +69,17 @@ def adapter_dirs(base_model: LlamaForCausalLM, tmp_path_factory: pytest.TempPath
         get_peft_model(copy.deepcopy(base_model), config).save_pretrained(root / name)
         dirs[name] = root / name
     return dirs
+
+
+def collect(events: Iterable[GenerationEvent]) -> tuple[list[int], str, Finished]:
+    """An engine request's stream, gathered: (token ids, text, the Finished event)."""
+    ids: list[int] = []
+    text, finished = "", None
+    for event in events:
+        if isinstance(event, TokenDelta):
+            ids += event.token_ids
+            text += event.text
+        else:
+            finished = event
+    assert finished is not None
+    return ids, text, finished

@@ -16,9 +16,9 @@ from transformers import LlamaForCausalLM
 from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig, RequestCancelledError, ShuttingDownError
 from core.errors import AdapterNotFoundError, CapacityExceededError, InvalidArgumentError
-from core.requests import AdapterSelection, Finished, FinishReason, GenerationRequest, TokenDelta
+from core.requests import AdapterSelection, FinishReason, GenerationRequest, TokenDelta
 from core.sampling import SamplingParams
-from tests.generation_fixtures import VOCAB
+from tests.generation_fixtures import VOCAB, collect
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -45,18 +45,6 @@ def engine(base_model, tokenizer, adapter_dirs):
     eng = make_engine(base_model, tokenizer, adapter_dirs)
     yield eng
     eng.close()
-
-
-def collect(channel) -> tuple[list[int], str, Finished]:
-    ids, text, finished = [], "", None
-    for event in channel:
-        if isinstance(event, TokenDelta):
-            ids += event.token_ids
-            text += event.text
-        else:
-            finished = event
-    assert finished is not None
-    return ids, text, finished
 
 
 def peft_greedy(peft_model, prompt: list[int], adapter: str | None, n: int) -> list[int]:

@@ -223,22 +223,31 @@ class Failure:
         return [v.field for v in self.bad_request.field_violations] if self.bad_request else []
 
 
-def failure_of(error: grpc.RpcError) -> Failure:
-    call: Any = error
-    status = rpc_status.from_call(call)  # also checks that code and message match the grpc status
-    assert status is not None, f"no rich status in {call.code()}: {call.details()}"
+DETAIL_KINDS = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RetryInfo,
+)
+
+
+def unpack_details(status: Any) -> dict[type, Any]:
+    """The google.rpc details of a Status by kind; each kind at most once."""
     found: dict[type, Any] = {}
     for detail in status.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.PreconditionFailure,
-            error_details_pb2.RetryInfo,
-        ):
+        for kind in DETAIL_KINDS:
             if detail.Is(kind.DESCRIPTOR):
                 assert kind not in found, f"{kind.__name__} appears twice"
                 found[kind] = kind()
                 detail.Unpack(found[kind])
+    return found
+
+
+def failure_of(error: grpc.RpcError) -> Failure:
+    call: Any = error
+    status = rpc_status.from_call(call)  # also checks that code and message match the grpc status
+    assert status is not None, f"no rich status in {call.code()}: {call.details()}"
+    found = unpack_details(status)
     assert error_details_pb2.ErrorInfo in found, "every error carries exactly one ErrorInfo"
     info = found[error_details_pb2.ErrorInfo]
     assert info.domain == "loramux.dev" and info.metadata["requestId"]

@@ -22,6 +22,7 @@ from core.errors import (
 )
 from service import pagination
 from service.errors import REQUEST_ID_KEY, CallLog, ModelLoadingError, to_status
+from tests.service.harness import unpack_details
 
 Code = grpc.StatusCode
 LIMITS = {"maxQueuedGenerations": 7, "maxAdapters": 3}
@@ -45,20 +46,8 @@ TABLE = [
 
 
 def decode(status) -> tuple[status_pb2.Status, dict[type, object]]:
-    raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
-    rich = status_pb2.Status.FromString(raw)
-    found = {}
-    for detail in rich.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.PreconditionFailure,
-            error_details_pb2.RetryInfo,
-        ):
-            if detail.Is(kind.DESCRIPTOR):
-                found[kind] = kind()
-                detail.Unpack(found[kind])
-    return rich, found
+    rich = status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"])
+    return rich, unpack_details(rich)
 
 
 @pytest.mark.parametrize(("error", "code", "reason"), TABLE, ids=[type(e).__name__ for e, _, _ in TABLE])

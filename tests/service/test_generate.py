@@ -10,7 +10,8 @@ import pytest
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import generation_service_pb2 as gpb
 
-from core.requests import AdapterSelection, Finished, GenerationRequest, TokenDelta
+from core.requests import AdapterSelection, Finished, GenerationRequest
+from tests.generation_fixtures import collect
 from tests.service.harness import expect_failure, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -33,16 +34,7 @@ def streamed(responses: list[gpb.GenerateResponse]) -> tuple[list[int], str, gpb
 
 def engine_output(engine, prompt, adapter, n: int) -> tuple[list[int], str, Finished]:
     """The same request straight through the core engine (sync channel), as the reference."""
-    ids: list[int] = []
-    text, finished = "", None
-    for event in engine.submit(GenerationRequest(prompt=prompt, adapter=adapter, max_new_tokens=n, ignore_eos=True)):
-        if isinstance(event, TokenDelta):
-            ids += event.token_ids
-            text += event.text
-        else:
-            finished = event
-    assert finished is not None
-    return ids, text, finished
+    return collect(engine.submit(GenerationRequest(prompt=prompt, adapter=adapter, max_new_tokens=n, ignore_eos=True)))
 
 
 def test_greedy_stream_equals_core_engine_for_each_adapter_choice(server):
