@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
 from core import kv_batch
 from core.adapter import LoadedAdapter
@@ -30,6 +29,8 @@ from core.errors import (
     RequestCancelledError,
     ShuttingDownError,
 )
+from core.kv_cache import GrowableCache
+from core.linear_kernels import LINEAR_KERNELS, ONEDNN, use_linear_kernel
 from core.lora_weights import AdapterWeights
 from core.requests import AdapterSelection, EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta
 from core.routing import RoutingPlan, extend_plan, swap_remove, use_plan
@@ -50,6 +51,9 @@ class EngineConfig:
     # Padded prompt tokens prefilled in one step (rows x longest prompt); the rest join at the next steps, so
     # running rows keep decoding between chunks of a burst. A longer single prompt is still admitted alone.
     max_prefill_tokens: int = 4096
+    # GEMM for the model's nn.Linear layers on CPU: "onednn" (faster at serving shapes) or "torch" (MKL's sgemm,
+    # what transformers and PEFT use). See core/linear_kernels.py.
+    linear_kernel: str = ONEDNN
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class Engine:
         *,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
+        if config.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)} (got {config.linear_kernel!r})")
         self.model, self.tokenizer, self.manager, self.config = model, tokenizer, manager, config
         self._on_step = on_step  # called on the engine thread with the batch size of each decode step
         self._eos = _eos_ids(model, tokenizer)
@@ -106,12 +112,15 @@ class Engine:
         self._stop_requested = False
         self._accepting = True
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._cache: GrowableCache | None = None
         self._mask: Tensor | None = None
         self._plan: RoutingPlan | None = None
         self.steps = 0
-        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+        self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="loramux-engine", daemon=True)
         self._thread.start()
+        ready.wait()
 
     # -- caller side (any thread) ---------------------------------------------------------------------
 
@@ -225,7 +234,11 @@ class Engine:
 
     # -- engine thread --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
+        try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
+            self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
+        finally:
+            ready.set()
         stop = False
         while not stop:
             stop = self._take_new(block=not self._rows)
@@ -284,7 +297,7 @@ class Engine:
 
     def _prefill(self, new: list[_Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
-        cache = DynamicCache()
+        cache = GrowableCache()
         with use_plan(self.manager.plan([r.adapter for r in new])):
             out = self.model(
                 input_ids=ids,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from core.adapter_manager import validate_adapter_name
 from core.engine import EngineConfig
 from core.errors import InvalidArgumentError
+from core.linear_kernels import LINEAR_KERNELS
 from core.model_loader import DTYPES, ModelSpec
 from service.config import (
     DEFAULT_ADAPTERS_DIR,
@@ -95,6 +96,13 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         default = getattr(_ENGINE, name)
         flag = "--" + name.replace("_", "-")
         g.add_argument(flag, type=_positive_int, default=default, help=f"{help_text} (default {default})")
+    kernel = _ENGINE.linear_kernel
+    g.add_argument(
+        "--linear-kernel",
+        choices=LINEAR_KERNELS,
+        default=kernel,
+        help=f"GEMM for the model's linear layers on CPU; torch: MKL, as transformers and PEFT (default {kernel})",
+    )
 
 
 def _network_flags(g: argparse._ArgumentGroup) -> None:
@@ -153,7 +161,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         cache_dir=args.hub_cache_dir,
         token=token,
     )
-    engine = EngineConfig(**{name: getattr(args, name) for name, _ in _ENGINE_FLAGS})
+    engine = EngineConfig(**{name: getattr(args, name) for name, _ in _ENGINE_FLAGS}, linear_kernel=args.linear_kernel)
     network = NetworkConfig(
         host=args.host,
         port=args.port,

@@ -47,6 +47,13 @@ def engine(base_model, tokenizer, adapter_dirs):
     eng.close()
 
 
+@pytest.fixture(params=["onednn", "torch"])
+def engine_each_kernel(request, base_model, tokenizer, adapter_dirs):
+    eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=request.param)
+    yield eng
+    eng.close()
+
+
 def peft_greedy(peft_model, prompt: list[int], adapter: str | None, n: int) -> list[int]:
     ids = torch.tensor([prompt])
     kwargs = dict(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -64,7 +71,8 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 21]
 CHOICES: list[str | AdapterSelection] = ["math", "poet", AdapterSelection.BASE, "math", "poet"]
 
 
-def test_mixed_adapters_equal_peft_greedy(engine, peft_model):
+def test_mixed_adapters_equal_peft_greedy(engine_each_kernel, peft_model):
+    engine = engine_each_kernel
     channels = [
         engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=10, ignore_eos=True))
         for p, a in zip(PROMPTS, CHOICES, strict=True)
@@ -329,3 +337,25 @@ def test_prefill_budget_spreads_a_burst_over_steps(base_model, tokenizer, adapte
     assert outputs == [peft_greedy(peft_model, p, "math", 12) for p in prompts]
     assert sizes[0] <= 2  # at most two prompts fit the budget of a step
     assert max(sizes) == 5  # the rest joined at the next steps, beside the rows already decoding
+
+
+def test_linear_kernel_is_chosen_by_config(base_model, tokenizer, adapter_dirs):
+    from torch import nn
+
+    from core.linear_kernels import ONEDNN, TORCH, OneDnnLinear, onednn_works
+
+    engine = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=TORCH)
+    try:
+        assert engine.linear_kernel == TORCH
+        assert not any(isinstance(m, OneDnnLinear) for m in engine.model.modules())
+    finally:
+        engine.close()
+    engine = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=ONEDNN)
+    try:
+        assert engine.linear_kernel == (ONEDNN if onednn_works() else TORCH)
+        kinds = {type(m) for m in engine.model.modules() if isinstance(m, nn.Linear)}
+        assert kinds == ({OneDnnLinear} if onednn_works() else {nn.Linear})
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="linear_kernel must be one of onednn, torch"):
+        make_engine(base_model, tokenizer, {}, linear_kernel="mkl")

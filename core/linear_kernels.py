@@ -1,0 +1,81 @@
+"""Which GEMM runs the model's linear layers when the engine decodes on CPU.
+
+PyTorch's CPU build sends an fp32 ``F.linear`` to MKL's sgemm. At the shapes of serving (a few to a few dozen
+rows against a wide weight) oneDNN's JIT kernels, which the same build ships and already uses for bf16, run
+the same product 1.4-3.4x faster on this project's AMD machine (MKL takes a generic path on AMD CPUs), and a
+whole decode step 1.5-1.7x faster (BENCHMARKS.md). Results agree with MKL's to fp32 rounding: both accumulate
+in fp32, in a different order.
+
+``use_linear_kernel(model, ONEDNN)`` turns each plain ``nn.Linear`` into a ``OneDnnLinear``: the same object,
+parameters and state_dict, only its class changes, so nothing that holds or indexes the module is disturbed.
+A ``OneDnnLinear`` is exactly ``nn.Linear`` whenever autograd is on (training through ``is_trainable``), or the
+input is not a CPU fp32/bf16 tensor of at least two dimensions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+ONEDNN: Final = "onednn"
+TORCH: Final = "torch"
+LINEAR_KERNELS: Final = (ONEDNN, TORCH)
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # (..., in) @ (out, in).T + (out,) -> (..., out); "none": no fused post-op
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class OneDnnLinear(nn.Linear):
+    """nn.Linear whose inference forward on CPU runs oneDNN's GEMM (see the module docstring)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight = self.weight
+        if (
+            input.device.type == "cpu"
+            and input.dtype in _ONEDNN_DTYPES
+            and input.dtype == weight.dtype
+            and input.dim() >= 2
+            and input.numel() > 0
+            and not torch.is_grad_enabled()
+        ):
+            return _onednn_linear(input, weight, self.bias)
+        return F.linear(input, weight, self.bias)
+
+
+def onednn_works() -> bool:
+    """Whether this torch build has oneDNN's linear and it computes what F.linear computes."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 8), (5, 8), (5,)))
+    try:
+        with torch.no_grad():
+            got = _onednn_linear(x, w, b)
+    except RuntimeError:
+        return False
+    return got.shape == (3, 5) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def use_linear_kernel(model: nn.Module, kernel: str) -> str:
+    """Run the model's plain nn.Linear layers with ``kernel`` (ONEDNN or TORCH); returns the kernel in use,
+    TORCH when oneDNN is asked for but this build lacks it (logged). Subclasses of nn.Linear are left alone."""
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)} (got {kernel!r})")
+    if kernel == ONEDNN and not onednn_works():
+        log.warning("oneDNN linear is not available in this torch build; using torch's default GEMM")
+        kernel = TORCH
+    source, target = (nn.Linear, OneDnnLinear) if kernel == ONEDNN else (OneDnnLinear, nn.Linear)
+    for module in model.modules():
+        if type(module) is source:
+            module.__class__ = target
+    return kernel

@@ -1,0 +1,87 @@
+"""The oneDNN linear kernel: same module, same parameters, same outputs to fp32 rounding; nn.Linear under autograd."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from core.linear_kernels import ONEDNN, TORCH, OneDnnLinear, onednn_works, use_linear_kernel
+from tests.conftest import bare_logits, build_base, input_ids
+
+pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN linear")
+
+
+def test_switching_changes_only_the_class_of_plain_linears() -> None:
+    model = build_base("llama")
+    before = {k: v for k, v in model.state_dict().items()}
+    params = {name: id(p) for name, p in model.named_parameters()}
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+
+    assert use_linear_kernel(model, ONEDNN) == ONEDNN
+
+    assert linears and all(type(m) is OneDnnLinear for m in linears)
+    assert {name: id(p) for name, p in model.named_parameters()} == params
+    assert model.state_dict().keys() == before.keys()
+    assert use_linear_kernel(model, TORCH) == TORCH
+    assert all(type(m) is nn.Linear for m in linears)
+
+
+def test_subclasses_of_linear_are_left_alone() -> None:
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(Custom(4, 4), nn.Linear(4, 4))
+    use_linear_kernel(model, ONEDNN)
+    assert type(model[0]) is Custom and type(model[1]) is OneDnnLinear
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_model_logits_match_torch_gemm(arch: str) -> None:
+    torch_model = build_base(arch, hidden=64)
+    onednn_model = copy.deepcopy(torch_model)
+    use_linear_kernel(onednn_model, ONEDNN)
+    ids = input_ids(3)
+
+    expected, got = bare_logits(torch_model, ids), bare_logits(onednn_model, ids)
+
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16), (1, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_forward_matches_linear(shape: tuple[int, ...], bias: bool) -> None:
+    layer = nn.Linear(16, 24, bias=bias)
+    fast = copy.deepcopy(layer)
+    fast.__class__ = OneDnnLinear
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), layer(x), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_runs_torch_linear_and_trains() -> None:
+    layer = nn.Linear(8, 4)
+    layer.__class__ = OneDnnLinear
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()  # oneDNN's op has no autograd kernel: this would warn and leave no gradient
+    assert layer.weight.grad is not None
+    assert torch.allclose(layer.weight.grad, x.sum(0).expand(4, 8))
+
+
+def test_other_inputs_fall_back_to_torch() -> None:
+    layer = nn.Linear(8, 4).double()
+    layer.__class__ = OneDnnLinear
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        empty = layer.float()(torch.randn(0, 8))
+    assert empty.shape == (0, 4)
+
+
+def test_unknown_kernel_is_refused() -> None:
+    with pytest.raises(ValueError, match="linear kernel must be one of onednn, torch"):
+        use_linear_kernel(nn.Linear(2, 2), "cublas")
