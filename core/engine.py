@@ -32,7 +32,15 @@ from core.errors import (
 from core.kv_cache import GrowableCache
 from core.linear_kernels import LINEAR_KERNELS, ONEDNN, use_linear_kernel
 from core.lora_weights import AdapterWeights
-from core.requests import AdapterSelection, EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta
+from core.requests import (
+    AdapterSelection,
+    EventChannel,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    TokenDelta,
+    deliver,
+)
 from core.routing import RoutingPlan, extend_plan, swap_remove, use_plan
 from core.sampling import RowSampler, sample_next_tokens
 from core.text_stream import TextStream
@@ -340,6 +348,7 @@ class Engine:
     def _emit(self, rows: Sequence[_Row], logits: Tensor) -> None:
         """Sample one token per row (N, V) -> events; marks rows that finished."""
         tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
+        events: list[tuple[EventChannel, TokenDelta]] = []
         for row, token in zip(rows, tokens, strict=True):
             row.last_token = token
             row.generated += 1
@@ -357,7 +366,8 @@ class Engine:
                     row.finish = FinishReason.STOP_SEQUENCE
             token_ids = () if is_eos or stopped else (token,)
             if delta or token_ids:
-                row.channel.put(TokenDelta(text=delta, token_ids=token_ids))
+                events.append((row.channel, TokenDelta(text=delta, token_ids=token_ids)))
+        deliver(events)
 
     def _drop_finished(self) -> None:
         """Rows that finished or were cancelled leave; the last rows fill their places (swap_remove), so the
@@ -365,12 +375,14 @@ class Engine:
         removed = {i for i, r in enumerate(self._rows) if r.finish is not None or r.channel.cancelled.is_set()}
         if not removed:
             return
-        for i in sorted(removed):
-            row = self._rows[i]
-            if row.finish is None:
-                row.channel.put(RequestCancelledError("the request was cancelled"))
-            else:
-                row.channel.put(self._finished_event(row, row.finish))
+        deliver(
+            [
+                (row.channel, self._finished_event(row, row.finish))
+                if row.finish is not None
+                else (row.channel, RequestCancelledError("the request was cancelled"))
+                for row in (self._rows[i] for i in sorted(removed))
+            ]
+        )
         order, moves = swap_remove(len(self._rows), removed)
         self._rows = [self._rows[i] for i in order]
         if not self._rows:

@@ -103,3 +103,23 @@ class EventChannel:
             yield item  # type: ignore[misc]
             if isinstance(item, Finished):
                 return
+
+
+def deliver(events: Sequence[tuple[EventChannel, GenerationEvent | BaseException]]) -> None:
+    """Put many channels' events at once, in order: one wakeup per consuming event loop instead of one per
+    event. A decode step makes an event for every row; waking the loop (and its thread) once per row steals
+    the engine's cores and stalls its OpenMP workers, most at large batches."""
+    per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]] = {}
+    for channel, item in events:
+        with channel._lock:
+            if channel._loop is not None and channel._async is not None:
+                per_loop.setdefault(channel._loop, []).append((channel._async, item))
+            else:
+                channel._sync.put(item)
+    for loop, items in per_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[object], object]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
