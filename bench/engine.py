@@ -22,9 +22,11 @@ from typing import TypeVar
 
 import torch
 
+from bench import roofline
 from bench.common import bpe_tokenizer, clone_adapters, llama_512, make_adapters
 from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig
+from core.linear_kernels import ONEDNN, TORCH
 from core.requests import AdapterSelection, GenerationRequest, TokenDelta
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
@@ -94,14 +96,14 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
     return run
 
 
-def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int) -> tuple[Engine, list[str]]:
+def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int, kernel: str = ONEDNN) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
     names = []
     for i, path in enumerate(paths):
         manager.load_adapter(str(path), f"a{i}")
         names.append(f"a{i}")
-    return Engine(model, tokenizer, manager, EngineConfig(max_batch_rows=max_rows)), names
+    return Engine(model, tokenizer, manager, EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel)), names
 
 
 T = TypeVar("T")
@@ -119,12 +121,14 @@ def in_fresh_thread(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def engine_case(base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list]) -> Callable[[], float]:
+def engine_case(
+    base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list], *, kernel: str = ONEDNN
+) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter."""
 
     def run(latencies: dict | None = None) -> float:
         # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
-        engine, names = in_fresh_thread(lambda: engine_with(base, tokenizer, paths, max_rows=64))
+        engine, names = in_fresh_thread(lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel))
         try:
             return run_engine(engine, pick(names), latencies=latencies)
         finally:
@@ -171,6 +175,9 @@ def main() -> None:
             {
                 "engine 8 distinct adapters": engine_case(base, tok, s["paths"], lambda names: names),
                 "engine no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS),
+                "engine no adapters, torch GEMM (MKL)": engine_case(
+                    base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=TORCH
+                ),
                 "transformers generate": hf_generate(base),
                 "peft mixed-batch generate": hf_generate(s["peft"], adapter_names=s["names"]),
                 "peft sequential set_adapter+generate": peft_sequential(s["peft"], s["names"]),
@@ -185,7 +192,10 @@ def main() -> None:
                 "64 requests, one shared adapter": engine_case(base, tok, s["clones"], lambda names: [names[0]] * 64),
             }
         )
+        rates = in_fresh_thread(roofline.stream_rates)
+        traffic = {"base": roofline.base_linear_bytes(base), "adapter": roofline.adapter_bytes(s["paths"][0])}
     report(tput, tput64, latencies)
+    report_roofline(tput, tput64, rates, traffic)
 
 
 def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str, list[float]]) -> None:
@@ -216,3 +226,27 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
 
 if __name__ == "__main__":
     main()
+
+
+def report_roofline(
+    tput: dict[str, float], tput64: dict[str, float], rates: dict[str, float], traffic: dict[str, int]
+) -> None:
+    base_mb, adapter_mb = traffic["base"] / 1e6, traffic["adapter"] / 1e6
+    print("== weights read per decode step, and how fast this machine streams them (bench/roofline.py)")
+    print(f"base linears {base_mb:.0f} MB; one adapter {adapter_mb:.1f} MB ({100 * adapter_mb / base_mb:.1f}% of base)")
+    print(f"  8 rows on 8 distinct adapters: +{8 * adapter_mb:.0f} MB; 64 rows on 64: +{64 * adapter_mb:.0f} MB")
+    print(
+        f"DRAM read rate: plain sum {rates['sum']:.0f} GB/s, oneDNN GEMM (8 rows) {rates['gemm']:.0f} GB/s, "
+        f"LoRA gather-bmm (8 rows) {rates['lora']:.0f} GB/s"
+    )
+    bounds = [
+        ("8 distinct vs no adapters", tput["engine no adapters"], 0.85),
+        ("64 distinct vs one shared", tput64["64 requests, one shared adapter"], 0.8),
+    ]
+    for label, without, goal in bounds:
+        at_kernel = roofline.ratio_bound(without, traffic["adapter"], rates["lora"])
+        at_ceiling = roofline.ratio_bound(without, traffic["adapter"], rates["sum"])
+        print(
+            f"bound on {label:26} adapters at the LoRA kernel's rate {at_kernel:.2f}x, "
+            f"at the DRAM ceiling {at_ceiling:.2f}x (goal >= {goal}x)"
+        )

@@ -305,8 +305,8 @@ class Engine:
 
     def _prefill(self, new: list[_Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
-        cache = GrowableCache()
-        with use_plan(self.manager.plan([r.adapter for r in new])):
+        cache, plan = GrowableCache(), self.manager.plan([r.adapter for r in new])
+        with use_plan(plan):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -315,12 +315,12 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        if self._cache is None or self._mask is None:
-            self._cache, self._mask = cache, mask
+        if self._cache is None or self._mask is None:  # the new rows are the whole batch: so is their plan
+            self._cache, self._mask, self._plan = cache, mask, plan
         else:
             self._mask = kv_batch.merge(self._cache, self._mask, cache, mask)
-        if self._plan is not None:  # the new rows join the decode plan at its end, like the cache
-            self._plan = extend_plan(self._plan, _weights(self._rows), _weights(new))
+            if self._plan is not None:  # the new rows join the decode plan at its end, like the cache
+                self._plan = extend_plan(self._plan, _weights(self._rows), _weights(new))
         self._rows.extend(new)
         self._emit(new, out.logits[:, -1, :])
 
