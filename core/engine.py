@@ -2,8 +2,12 @@
 
 Each loop iteration (a *step*): drop cancelled rows, admit queued requests (prefill them together, sample
 their first token, merge their KV cache into the batch), then one decode forward for all rows, whatever
-adapter each uses (per-row routing plan, rebuilt only when the batch composition changes). Events go to each
-request's channel as they are produced.
+adapter each uses (a per-row routing plan, extended when rows join and compacted when they leave). Each
+step's events go to the requests' channels together (``deliver``).
+
+Requests are validated before they are queued (core/admission.py). On its thread the engine first switches
+the model's linear layers to the configured GEMM (core/linear_kernels.py); its KV cache grows in place
+(core/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -19,21 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from core import kv_batch
-from core.adapter import LoadedAdapter
 from core.adapter_manager import AdapterManager
+from core.admission import Admission, Row
+from core.admission import EngineConfig as EngineConfig  # re-exported: the engine's public config
 from core.errors import (
     CapacityExceededError,
     EngineFailure,
-    InvalidArgumentError,
     LoramuxError,
     RequestCancelledError,
     ShuttingDownError,
 )
 from core.kv_cache import GrowableCache
-from core.linear_kernels import LINEAR_KERNELS, ONEDNN, use_linear_kernel
+from core.linear_kernels import LINEAR_KERNELS, use_linear_kernel
 from core.lora_weights import AdapterWeights
 from core.requests import (
-    AdapterSelection,
     EventChannel,
     Finished,
     FinishReason,
@@ -42,26 +45,9 @@ from core.requests import (
     deliver,
 )
 from core.routing import RoutingPlan, extend_plan, swap_remove, use_plan
-from core.sampling import RowSampler, sample_next_tokens
-from core.text_stream import TextStream
+from core.sampling import sample_next_tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_rows: int = 32
-    max_queued: int = 256
-    max_prompt_tokens: int = 2048
-    max_total_tokens: int = 4096  # prompt + new tokens, per request
-    default_max_new_tokens: int = 256
-    max_new_tokens_ceiling: int = 2048
-    # Padded prompt tokens prefilled in one step (rows x longest prompt); the rest join at the next steps, so
-    # running rows keep decoding between chunks of a burst. A longer single prompt is still admitted alone.
-    max_prefill_tokens: int = 4096
-    # GEMM for the model's nn.Linear layers on CPU: "onednn" (faster at serving shapes) or "torch" (MKL's sgemm,
-    # what transformers and PEFT use). See core/linear_kernels.py.
-    linear_kernel: str = ONEDNN
 
 
 @dataclass(frozen=True)
@@ -73,20 +59,6 @@ class EngineLoad:
     running_adapters: frozenset[str]
     waiting_adapters: frozenset[str]
     steps: int  # decode steps so far
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    channel: EventChannel
-    adapter: LoadedAdapter | None
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampler: RowSampler
-    text: TextStream
-    generated: int = 0
-    last_token: int = -1
-    finish: FinishReason | None = None
 
 
 class Engine:
@@ -114,12 +86,13 @@ class Engine:
         self._eos = _eos_ids(model, tokenizer)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
         self._device = next(model.parameters()).device
-        self._vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
-        self._queue: queue.Queue[_Row | None] = queue.Queue()
-        self._deferred: collections.deque[_Row] = collections.deque()  # taken from the queue, over the budget
+        vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
+        self._admission = Admission(config=config, tokenizer=tokenizer, manager=manager, vocab_size=vocab_size)
+        self._queue: queue.Queue[Row | None] = queue.Queue()
+        self._deferred: collections.deque[Row] = collections.deque()  # taken from the queue, over the budget
         self._stop_requested = False
         self._accepting = True
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._cache: GrowableCache | None = None
         self._mask: Tensor | None = None
         self._plan: RoutingPlan | None = None
@@ -136,7 +109,7 @@ class Engine:
         """Validate and enqueue; errors for bad input, unknown adapters and full queues raise right here."""
         if not self._accepting:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
-        row = self._admit_row(request)
+        row = self._admission.admit(request)
         if self._queue.qsize() >= self.config.max_queued:
             raise CapacityExceededError(f"the queue holds {self.config.max_queued} requests already", field="queue")
         self._queue.put(row)
@@ -178,68 +151,6 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def _admit_row(self, request: GenerationRequest) -> _Row:
-        prompt_ids = self._tokenize(request)
-        cfg = self.config
-        if not prompt_ids:
-            raise InvalidArgumentError("the prompt is empty", field="input")
-        if len(prompt_ids) > cfg.max_prompt_tokens:
-            raise CapacityExceededError(
-                f"prompt has {len(prompt_ids)} tokens, more than the limit {cfg.max_prompt_tokens}", field="input"
-            )
-        max_new = request.max_new_tokens if request.max_new_tokens is not None else cfg.default_max_new_tokens
-        if not 1 <= max_new <= cfg.max_new_tokens_ceiling:
-            raise InvalidArgumentError(
-                f"max_new_tokens must be in [1, {cfg.max_new_tokens_ceiling}] (got {max_new})",
-                field="stopping.max_new_tokens",
-            )
-        if len(prompt_ids) + max_new > cfg.max_total_tokens:
-            raise CapacityExceededError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds {cfg.max_total_tokens} tokens",
-                field="stopping.max_new_tokens",
-            )
-        adapter = self._resolve_adapter(request.adapter)
-        return _Row(
-            request=request,
-            channel=EventChannel(adapter=adapter.name if adapter is not None else None, prompt_tokens=len(prompt_ids)),
-            adapter=adapter,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
-            sampler=RowSampler(request.sampling, prompt_ids=prompt_ids),
-            text=TextStream(self.tokenizer, stops=request.stop),
-        )
-
-    def _resolve_adapter(self, choice: str | AdapterSelection) -> LoadedAdapter | None:
-        if choice is AdapterSelection.BASE:
-            return None
-        if choice is AdapterSelection.DEFAULT:
-            return self.manager.resolve_default()
-        return self.manager.acquire(choice)
-
-    def _tokenize(self, request: GenerationRequest) -> list[int]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            if request.apply_chat_template:
-                if not getattr(self.tokenizer, "chat_template", None):
-                    raise InvalidArgumentError(
-                        "this model's tokenizer has no chat template", field="apply_chat_template"
-                    )
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
-                )
-                return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if request.apply_chat_template:
-            raise InvalidArgumentError("apply_chat_template needs a text prompt", field="apply_chat_template")
-        vocab = self._vocab_size
-        ids = list(prompt)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise InvalidArgumentError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field="token_ids"
-            )
-        return ids
-
     # -- engine thread --------------------------------------------------------------------------------
 
     def _run(self, ready: threading.Event) -> None:
@@ -264,7 +175,7 @@ class Engine:
 
     def _take_new(self, *, block: bool) -> bool:
         """Admit queued requests up to the row limit and the prefill budget. Returns True when asked to stop."""
-        new: list[_Row] = []
+        new: list[Row] = []
         stop = False
         while len(self._rows) + len(new) < self.config.max_batch_rows:
             row = self._next_queued(block=block and not new)
@@ -289,7 +200,7 @@ class Engine:
                     row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
         return stop
 
-    def _next_queued(self, *, block: bool) -> _Row | None:
+    def _next_queued(self, *, block: bool) -> Row | None:
         """The next request: deferred ones first, then the queue. None when there is none now (or on stop)."""
         if self._deferred:
             return self._deferred.popleft()
@@ -303,7 +214,7 @@ class Engine:
             self._stop_requested = True
         return row
 
-    def _prefill(self, new: list[_Row]) -> None:
+    def _prefill(self, new: list[Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
         cache, plan = GrowableCache(), self.manager.plan([r.adapter for r in new])
         with use_plan(plan):
@@ -345,7 +256,7 @@ class Engine:
             self._on_step(len(rows))
         self._emit(rows, out.logits[:, -1, :])
 
-    def _emit(self, rows: Sequence[_Row], logits: Tensor) -> None:
+    def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
         """Sample one token per row (N, V) -> events; marks rows that finished."""
         tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
         events: list[tuple[EventChannel, TokenDelta]] = []
@@ -394,7 +305,7 @@ class Engine:
             self._plan = self._plan.compact(moves, len(order))
 
     @staticmethod
-    def _finished_event(row: _Row, reason: FinishReason) -> Finished:
+    def _finished_event(row: Row, reason: FinishReason) -> Finished:
         return Finished(
             reason=reason,
             prompt_tokens=len(row.prompt_ids),
@@ -423,13 +334,13 @@ class Engine:
                 row.channel.put(ShuttingDownError("the server shut down before this request started"))
 
 
-def _fits_prefill(new: Sequence[_Row], row: _Row, budget: int) -> bool:
+def _fits_prefill(new: Sequence[Row], row: Row, budget: int) -> bool:
     """Would prefilling ``new`` plus ``row`` stay within budget padded tokens (rows x longest prompt)?"""
     longest = max(len(row.prompt_ids), *(len(r.prompt_ids) for r in new))
     return (len(new) + 1) * longest <= budget
 
 
-def _weights(rows: Sequence[_Row]) -> list[AdapterWeights | None]:
+def _weights(rows: Sequence[Row]) -> list[AdapterWeights | None]:
     return [r.adapter.weights if r.adapter is not None else None for r in rows]
 
 
