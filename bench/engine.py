@@ -224,10 +224,6 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
         print(f"{label:22} p50 {p50 * 1e3:8.1f} ms   p99 {p99 * 1e3:8.1f} ms")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def report_roofline(
     tput: dict[str, float], tput64: dict[str, float], rates: dict[str, float], traffic: dict[str, int]
 ) -> None:
@@ -250,3 +246,7 @@ def report_roofline(
             f"bound on {label:26} adapters at the LoRA kernel's rate {at_kernel:.2f}x, "
             f"at the DRAM ceiling {at_ceiling:.2f}x (goal >= {goal}x)"
         )
+
+
+if __name__ == "__main__":
+    main()
