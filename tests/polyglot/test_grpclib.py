@@ -129,8 +129,12 @@ def test_grpclib_cancel_and_deadline_free_the_engine_row(server: Harness, stubs,
                 await stream.recv_message()
                 await stream.recv_message()
                 await stream.cancel()  # RST_STREAM(CANCEL)
-            with pytest.raises(asyncio.TimeoutError):  # grpclib's own deadline error; grpc-timeout goes along
+            # Whichever deadline fires first wins the race: grpclib's own timer (asyncio.TimeoutError) or the
+            # server's, from the grpc-timeout header it sent (status DEADLINE_EXCEEDED).
+            with pytest.raises((asyncio.TimeoutError, GRPCError)) as caught:
                 await generation.Generate(long, timeout=0.3, metadata={"x-request-id": "h2-deadline"})
+            if isinstance(caught.value, GRPCError):
+                assert caught.value.status is Status.DEADLINE_EXCEEDED
 
     asyncio.run(scenario())
     wait_until(lambda: "request_id=h2-cancel status=CANCELLED" in caplog.text, what="the server to see the cancel")
