@@ -61,7 +61,7 @@ def onednn_works() -> bool:
     try:
         with torch.no_grad():
             got = _onednn_linear(x, w, b)
-    except RuntimeError:
+    except Exception:  # any failure of a private op means: do not use it
         return False
     return got.shape == (3, 5) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 

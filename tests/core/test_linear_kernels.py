@@ -85,3 +85,13 @@ def test_other_inputs_fall_back_to_torch() -> None:
 def test_unknown_kernel_is_refused() -> None:
     with pytest.raises(ValueError, match="linear kernel must be one of onednn, torch"):
         use_linear_kernel(nn.Linear(2, 2), "cublas")
+
+
+def test_without_onednn_the_model_keeps_torch_gemm(monkeypatch, caplog) -> None:
+    import core.linear_kernels as kernels
+
+    monkeypatch.setattr(kernels, "onednn_works", lambda: False)
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert use_linear_kernel(model, ONEDNN) == TORCH
+    assert type(model[0]) is nn.Linear
+    assert "oneDNN linear is not available" in caplog.text
