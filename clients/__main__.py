@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clients", description="loramux command-line client")
     p.add_argument("--target", help=f"server address (default $LORAMUX_TARGET or {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, help="deadline of each call in seconds (default: none)")
+    p.add_argument(
+        "--token-file",
+        help="file holding the bearer token for servers that require one (default: $LORAMUX_TOKEN, if set)",
+    )
     commands = p.add_subparsers(dest="command", required=True)
 
     g = commands.add_parser("generate", help="stream a completion")
@@ -139,7 +143,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     out, err = out or sys.stdout, err or sys.stderr
     args = build_parser().parse_args(argv)
     target = args.target or os.environ.get("LORAMUX_TARGET") or DEFAULT_TARGET
-    with LoramuxClient(target, timeout=args.timeout) as client:
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip() or None
+    else:
+        token = os.environ.get("LORAMUX_TOKEN") or None
+    with LoramuxClient(target, timeout=args.timeout, token=token) as client:
         try:
             if args.command == "generate":
                 run_generate(client, args, out, err)

@@ -109,15 +109,24 @@ _FINISH = {
 
 class LoramuxClient:
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, max_message_bytes: int = 16 * MiB
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = 16 * MiB,
+        token: str | None = None,
     ) -> None:
-        """``timeout``: the default deadline of every call, in seconds (None: no deadline)."""
+        """``timeout``: the default deadline of every call, in seconds (None: no deadline). ``token``: sent as
+        ``authorization: Bearer <token>`` on every call, for servers started with --auth-tokens-file. It is
+        plain metadata, not call credentials, which grpc refuses on an insecure channel; use TLS (or a trusted
+        network) in production."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self.target = target
         self.timeout = timeout
+        self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.channel = grpc.insecure_channel(target, options=options)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
         self._generation = gpb_grpc.GenerationServiceStub(self.channel)
@@ -172,7 +181,7 @@ class LoramuxClient:
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
-        metadata = () if request_id else (("x-request-id", str(uuid.uuid4())),)
+        metadata = self._auth if request_id else (*self._auth, ("x-request-id", str(uuid.uuid4())))
         call = self._generation.Generate(request, timeout=self._timeout(timeout), metadata=metadata)
         try:
             for response in call:
@@ -254,7 +263,8 @@ class LoramuxClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout), metadata=(("x-request-id", str(uuid.uuid4())),))
+            metadata = (*self._auth, ("x-request-id", str(uuid.uuid4())))
+            return method(request, timeout=self._timeout(timeout), metadata=metadata)
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None
 

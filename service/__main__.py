@@ -11,12 +11,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from core.adapter_manager import validate_adapter_name
 from core.engine import EngineConfig
 from core.errors import InvalidArgumentError
 from core.linear_kernels import LINEAR_KERNELS
 from core.model_loader import DTYPES, ModelSpec
+from service.auth import BearerTokens, load_tokens
 from service.config import (
     DEFAULT_ADAPTERS_DIR,
     DEFAULT_MODEL_DIR,
@@ -134,6 +136,12 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: a free port, printed)",
     )
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    g.add_argument(
+        "--auth-tokens-file",
+        metavar="FILE",
+        help="require `authorization: Bearer TOKEN` on loramux RPCs; FILE has `ROLE TOKEN` lines, role admin "
+        "(every RPC) or generate (Generate, ListAdapters, GetAdapter) (default: off)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> ServiceConfig:
@@ -153,6 +161,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
     if args.default_adapter and args.default_adapter not in names:
         raise ValueError(f"--default-adapter {args.default_adapter!r} is not among the preloaded adapters {names}")
     token = environ.get("HF_TOKEN") or None
+    auth_tokens = _auth_tokens(args.auth_tokens_file)
     model = ModelSpec(
         source=str(args.model or DEFAULT_MODEL_DIR),
         dtype=args.dtype,
@@ -184,7 +193,17 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         drain_delay_s=args.drain_delay,
         warm_up=args.warm_up,
         metrics_port=args.metrics_port,
+        auth_tokens=auth_tokens,
     )
+
+
+def _auth_tokens(path: str | None) -> BearerTokens | None:
+    if path is None:
+        return None
+    try:
+        return load_tokens(Path(path))
+    except OSError as exc:
+        raise ValueError(f"--auth-tokens-file: cannot read {path}: {exc.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

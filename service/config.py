@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.engine import EngineConfig
 from core.model_loader import ModelSpec
+from service.auth import BearerTokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_ASSETS_DIR = REPO_ROOT / "demo" / "assets"
@@ -68,6 +69,7 @@ class ServiceConfig:
     drain_delay_s: float = 0.0  # NOT_SERVING is announced this long before new work is refused
     warm_up: bool = True  # run one tiny generation before reporting SERVING
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on network.host; None: off, 0: a free port
+    auth_tokens: BearerTokens | None = None  # None: no authorization (service/auth.py)
 
     def limits(self) -> dict[str, int]:
         """The configured limits by their API name (ErrorInfo metadata ``limit`` / ``limitValue``)."""

@@ -41,6 +41,7 @@ from core.errors import (
     UnsupportedAdapterError,
 )
 from core.requests import EventChannel, Finished, GenerationEvent, TokenDelta
+from service.auth import BearerTokens, PermissionDeniedError, UnauthenticatedError
 from service.config import ERROR_DOMAIN
 
 log = logging.getLogger("loramux.service")
@@ -73,6 +74,8 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterSourceUnavailableError, Code.UNAVAILABLE),
     (ModelLoadingError, Code.UNAVAILABLE),
     (RequestCancelledError, Code.CANCELLED),
+    (UnauthenticatedError, Code.UNAUTHENTICATED),
+    (PermissionDeniedError, Code.PERMISSION_DENIED),
 )
 
 # CapacityExceededError.field (as core sets it) -> the limit's API name (ErrorInfo metadata "limit").
@@ -280,11 +283,17 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, call: Call
 
 
 class Servicer(Protocol):
-    """What the wrappers need from a servicer: the limits quoted in RESOURCE_EXHAUSTED details, and who is
-    told of each finished RPC (None: nobody)."""
+    """What the wrappers need from a servicer: the limits quoted in RESOURCE_EXHAUSTED details, who is told
+    of each finished RPC (None: nobody), and the bearer tokens every call must present (None: no auth)."""
 
     limits: Mapping[str, int]
     observer: RequestObserver | None
+    tokens: BearerTokens | None
+
+
+def _authorize(servicer: Servicer, method: str, context: grpc.aio.ServicerContext) -> None:
+    if servicer.tokens is not None:
+        servicer.tokens.check(method, context.invocation_metadata() or ())
 
 
 S = TypeVar("S", bound=Servicer)
@@ -302,6 +311,7 @@ def unary(
     async def handler(self: S, request: Req, context: Context) -> Resp:
         call = CallLog.begin(method.__name__, request, context, observer=self.observer)
         try:
+            _authorize(self, method.__name__, context)
             response = await method(self, request, context, call)
             await context.send_initial_metadata(call.echo())
         except asyncio.CancelledError:
@@ -328,6 +338,7 @@ def streaming(
         call = CallLog.begin(method.__name__, request, context, observer=self.observer)
         status = "CANCELLED"  # unless something below decides otherwise
         try:
+            _authorize(self, method.__name__, context)
             async for response in method(self, request, context, call):
                 yield response
             status = "OK"

@@ -24,6 +24,7 @@ from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2_grpc
 from core.adapter import AdapterEvent
 from core.engine import Engine
 from core.errors import LoramuxError
+from service.auth import token_roles
 from service.config import ADAPTER_SERVICE, GENERATION_SERVICE, ServiceConfig
 from service.metrics import Metrics
 from service.runtime import Runtime, build_engine, on_own_thread
@@ -92,7 +93,8 @@ def create_server(config: ServiceConfig, *, engine: Engine | None = None) -> tup
     runtime = Runtime(config, engine=engine)
     metrics = Metrics(max_adapters=config.max_adapters) if config.metrics_port is not None else None
     server = grpc.aio.server(options=config.network.grpc_options())
-    adapters, generation = AdapterServicer(runtime, observer=metrics), GenerationServicer(runtime, observer=metrics)
+    adapters = AdapterServicer(runtime, observer=metrics, tokens=config.auth_tokens)
+    generation = GenerationServicer(runtime, observer=metrics, tokens=config.auth_tokens)
     adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, server)
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
     wrapper = LoramuxServer(config, runtime, server, metrics=metrics)
@@ -113,6 +115,9 @@ async def serve(config: ServiceConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the (long) model load
         loop.add_signal_handler(sig, stop.set)
     server, port = create_server(config)
+    if config.auth_tokens is not None:
+        counts = ", ".join(f"{n} {role.value}" for role, n in token_roles(config.auth_tokens).items())
+        log.info("authorization required on loramux RPCs (tokens: %s)", counts)
     await server.start()
     print(f"loramux listening on {_host(config.network.host)}:{port}", flush=True)
     if server.metrics is not None:

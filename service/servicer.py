@@ -1,7 +1,7 @@
 """The two loramux.v1 services: each RPC converts the request, calls the runtime, converts the result.
 
-Request ids, error statuses, access logs and request metrics come from the ``errors.unary`` /
-``errors.streaming`` wrappers.
+Request ids, authorization (service/auth.py), error statuses, access logs and request metrics come from the
+``errors.unary`` / ``errors.streaming`` wrappers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from loramux.v1 import generation_service_pb2 as gpb
 from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
 
 from service import convert, errors
+from service.auth import BearerTokens
 from service.errors import CallLog, RequestObserver
 from service.runtime import Runtime
 
@@ -23,10 +24,13 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class AdapterServicer(apb_grpc.AdapterServiceServicer):
-    def __init__(self, runtime: Runtime, *, observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, observer: RequestObserver | None = None, tokens: BearerTokens | None = None
+    ) -> None:
         self._runtime = runtime
         self.limits = runtime.limits
         self.observer = observer
+        self.tokens = tokens
 
     @errors.unary
     async def LoadAdapter(
@@ -66,10 +70,13 @@ class AdapterServicer(apb_grpc.AdapterServiceServicer):
 
 
 class GenerationServicer(gpb_grpc.GenerationServiceServicer):
-    def __init__(self, runtime: Runtime, *, observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, observer: RequestObserver | None = None, tokens: BearerTokens | None = None
+    ) -> None:
         self._runtime = runtime
         self.limits = runtime.limits
         self.observer = observer
+        self.tokens = tokens
 
     @errors.streaming
     async def Generate(
