@@ -103,8 +103,12 @@ class AdapterManager:
         cache_dir: str | None = None,
         replace: bool = False,
         pinned: bool = False,
+        sources: Sequence[AdapterSource] | None = None,
     ) -> LoadResult:
         """Load a PEFT LoRA adapter from a folder or the Hub. It does not become the default (as in PEFT).
+
+        ``sources``: where this load may come from, instead of the manager's own (a server passes restricted
+        ones for loads its clients ask for; see adapter_sources.restricted_sources).
 
         low_cpu_mem_usage is accepted for PEFT compatibility: loramux always builds each tensor once, directly
         in its final dtype and device, with no randomly initialised copy. ephemeral_gpu_offload does the
@@ -131,7 +135,7 @@ class AdapterManager:
             max_rank=self.max_rank,
             work_device=_ephemeral_device(ephemeral_gpu_offload),
         )
-        adapter = self._build(location, adapter_name, options, pinned=pinned)
+        adapter = self._build(location, adapter_name, options, pinned=pinned, sources=sources or self._sources)
         with self._lock:
             result = self._commit(adapter, replace=replace)
         if not result.already_loaded:
@@ -140,9 +144,17 @@ class AdapterManager:
             self._notify(AdapterEvent(kind, adapter_name, adapter.weights.nbytes, seconds))
         return result
 
-    def _build(self, location: AdapterLocation, name: str, options: LoadOptions, *, pinned: bool) -> LoadedAdapter:
+    def _build(
+        self,
+        location: AdapterLocation,
+        name: str,
+        options: LoadOptions,
+        *,
+        pinned: bool,
+        sources: Sequence[AdapterSource],
+    ) -> LoadedAdapter:
         """Everything that can fail, with no shared state touched."""
-        files = fetch_adapter_files(location, self._sources)
+        files = fetch_adapter_files(location, sources)
         spec = LoraSpec.from_file(files.config)
         targets = resolve_targets(spec, self._modules, output_embedding_name=self._output_embedding_name)
         saved = resolve_modules_to_save(spec, self._modules)

@@ -1,7 +1,9 @@
 """How an adapter arrives: sources behind one small interface, tried in order (first that claims wins).
 
 A source turns what the caller named (``AdapterLocation``) into two local files (``AdapterFiles``). Adding a
-source (S3, an HTTP registry, ...) means adding a class, not a branch.
+source (S3, an HTTP registry, ...) means adding a class, not a branch. Restrictions are sources too: a
+``LocalDirSource`` with ``roots`` refuses folders (and files) outside them, and a ``RefusedSource`` claims
+what another source would and refuses it (e.g. the Hub, on a server that must not download).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ class AdapterSourceUnavailableError(LoramuxError):
     """The source exists in principle but cannot be reached now (Hub outage, network error)."""
 
     reason = "ADAPTER_SOURCE_UNAVAILABLE"
+
+
+class AdapterSourceForbiddenError(LoramuxError):
+    """The configuration refuses this source (a folder outside the allowed roots, the Hub turned off)."""
+
+    reason = "ADAPTER_SOURCE_FORBIDDEN"
 
 
 @dataclass(frozen=True)
@@ -60,9 +68,16 @@ class AdapterSource(ABC):
 
 
 class LocalDirSource(AdapterSource):
-    """A folder on this machine (``model_id`` is a path; ``subfolder`` is joined to it)."""
+    """A folder on this machine (``model_id`` is a path; ``subfolder`` is joined to it).
+
+    With ``roots``, the folder and both files must lie inside one of them once symlinks and ``..`` are
+    resolved; anything else is refused before a byte is read.
+    """
 
     name = "local"
+
+    def __init__(self, *, roots: Sequence[Path] | None = None) -> None:
+        self.roots = None if roots is None else tuple(Path(os.path.realpath(r)) for r in roots)
 
     def claims(self, location: AdapterLocation) -> bool:
         mid = location.model_id
@@ -76,6 +91,7 @@ class LocalDirSource(AdapterSource):
         folder = Path(location.model_id).expanduser()
         if location.subfolder:
             folder = folder / location.subfolder
+        self._check_inside_roots(folder, shown=folder)
         if not folder.is_dir():
             raise AdapterSourceNotFoundError(f"adapter folder {str(folder)!r} does not exist", field="source")
         config = folder / CONFIG_NAME
@@ -83,8 +99,19 @@ class LocalDirSource(AdapterSource):
             raise AdapterSourceNotFoundError(f"{CONFIG_NAME} is missing in {str(folder)!r}", field="source")
         for weights_name in WEIGHTS_NAMES:
             if (folder / weights_name).is_file():
+                self._check_inside_roots(config, shown=folder)
+                self._check_inside_roots(folder / weights_name, shown=folder)
                 return AdapterFiles(config=config, weights=folder / weights_name, source=self.name)
         raise AdapterSourceNotFoundError(f"no {' or '.join(WEIGHTS_NAMES)} in {str(folder)!r}", field="source")
+
+    def _check_inside_roots(self, path: Path, *, shown: Path) -> None:
+        if self.roots is None:
+            return
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise AdapterSourceForbiddenError(
+                f"adapter folder {str(shown)!r} is outside this server's allowed adapter roots", field="source"
+            )
 
 
 class HubSource(AdapterSource):
@@ -148,6 +175,27 @@ class HubSource(AdapterSource):
                 f"Hub repo {location.model_id!r} could not be reached: {exc}", field="source"
             ) from exc
         return Path(path)
+
+
+class RefusedSource(AdapterSource):
+    """Claims what ``inner`` claims and refuses it, saying why: a source the server's configuration turns off."""
+
+    def __init__(self, inner: AdapterSource, *, why: str) -> None:
+        self.inner, self.why, self.name = inner, why, inner.name
+
+    def claims(self, location: AdapterLocation) -> bool:
+        return self.inner.claims(location)
+
+    def fetch(self, location: AdapterLocation) -> AdapterFiles:
+        raise AdapterSourceForbiddenError(f"{location.model_id!r}: {self.why}", field="source")
+
+
+def restricted_sources(*, local_roots: Sequence[Path] | None, allow_hub: bool) -> tuple[AdapterSource, ...]:
+    """The default sources, with local folders limited to ``local_roots`` (None: any) and the Hub on or off."""
+    hub: AdapterSource = HubSource()
+    if not allow_hub:
+        hub = RefusedSource(hub, why="loading adapters from the Hugging Face Hub is turned off on this server")
+    return (LocalDirSource(roots=local_roots), hub)
 
 
 def _snapshot_commit(path: Path) -> str | None:

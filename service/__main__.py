@@ -91,6 +91,19 @@ def _adapter_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--default-adapter", metavar="NAME", help="default adapter (default: the bare base model)")
     g.add_argument("--max-adapters", type=_positive_int, default=64, help="resident adapters at most (default 64)")
     g.add_argument("--max-rank", type=_positive_int, default=256, help="largest LoRA rank accepted (default 256)")
+    g.add_argument(
+        "--adapter-root",
+        action="append",
+        metavar="DIR",
+        help="LoadAdapter may read local folders only inside DIR (repeatable; default: any folder); "
+        "--adapter preloads are not restricted",
+    )
+    g.add_argument(
+        "--no-hub-adapters",
+        dest="allow_hub_adapters",
+        action="store_false",
+        help="refuse LoadAdapter from the Hugging Face Hub (PERMISSION_DENIED)",
+    )
 
 
 def _engine_flags(g: argparse._ArgumentGroup) -> None:
@@ -194,7 +207,18 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         warm_up=args.warm_up,
         metrics_port=args.metrics_port,
         auth_tokens=auth_tokens,
+        adapter_roots=_adapter_roots(args.adapter_root),
+        allow_hub_adapters=args.allow_hub_adapters,
     )
+
+
+def _adapter_roots(roots: list[str] | None) -> tuple[str, ...] | None:
+    if roots is None:
+        return None
+    missing = [r for r in roots if not Path(r).expanduser().is_dir()]
+    if missing:
+        raise ValueError(f"--adapter-root: not a folder: {', '.join(missing)}")
+    return tuple(str(Path(r).expanduser()) for r in roots)
 
 
 def _auth_tokens(path: str | None) -> BearerTokens | None:

@@ -70,6 +70,8 @@ class ServiceConfig:
     warm_up: bool = True  # run one tiny generation before reporting SERVING
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on network.host; None: off, 0: a free port
     auth_tokens: BearerTokens | None = None  # None: no authorization (service/auth.py)
+    adapter_roots: tuple[str, ...] | None = None  # LoadAdapter: local folders only inside these; None: any
+    allow_hub_adapters: bool = True  # LoadAdapter: Hub repos allowed
 
     def limits(self) -> dict[str, int]:
         """The configured limits by their API name (ErrorInfo metadata ``limit`` / ``limitValue``)."""

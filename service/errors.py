@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from core.adapter_sources import AdapterSourceUnavailableError
+from core.adapter_sources import AdapterSourceForbiddenError, AdapterSourceUnavailableError
 from core.errors import (
     AdapterAlreadyExistsError,
     AdapterNotFoundError,
@@ -74,6 +74,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterSourceUnavailableError, Code.UNAVAILABLE),
     (ModelLoadingError, Code.UNAVAILABLE),
     (RequestCancelledError, Code.CANCELLED),
+    (AdapterSourceForbiddenError, Code.PERMISSION_DENIED),
     (UnauthenticatedError, Code.UNAUTHENTICATED),
     (PermissionDeniedError, Code.PERMISSION_DENIED),
 )

@@ -15,10 +15,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from core.adapter import AdapterEvent, AdapterInfo, LoadResult
 from core.adapter_manager import AdapterManager
+from core.adapter_sources import restricted_sources
 from core.engine import Engine
 from core.errors import AdapterNotFoundError, ShuttingDownError
 from core.model_loader import load_base_model
@@ -48,6 +50,17 @@ class Runtime:
         self.config = config
         self.limits = config.limits()
         self._engine = engine
+        # Where LoadAdapter may read from when the configuration restricts it (None: the manager's own sources).
+        # Preloaded adapters are the operator's and are not restricted.
+        restricted = config.adapter_roots is not None or not config.allow_hub_adapters
+        self._rpc_sources = (
+            restricted_sources(
+                local_roots=[Path(r) for r in config.adapter_roots] if config.adapter_roots is not None else None,
+                allow_hub=config.allow_hub_adapters,
+            )
+            if restricted
+            else None
+        )
         self._draining = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loramux-rpc")
 
@@ -122,6 +135,7 @@ class Runtime:
                 autocast_adapter_dtype=load.autocast_adapter_dtype,
                 token=cfg.hub_token,
                 cache_dir=cfg.hub_cache_dir,
+                sources=self._rpc_sources,
             ),
             name="loramux-load-adapter",
         )

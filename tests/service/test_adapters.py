@@ -249,3 +249,30 @@ def test_request_id_echo(server):
     _, call = server.adapters.ListAdapters.with_call(apb.ListAdaptersRequest(), metadata=(("x-request-id", "bad id"),))
     generated = dict(call.initial_metadata())["x-request-id"]
     assert generated != "bad id" and len(generated) == 36  # an unusable id is replaced by a UUID
+
+
+def test_load_from_outside_the_adapter_roots_is_permission_denied(make_server, adapter_dirs, tmp_path):
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(adapter_dirs["poet"], outside)
+    server = make_server(adapters={}, adapter_roots=(str(adapter_dirs["math"].parent),), allow_hub_adapters=False)
+    failure = expect_failure(server.adapters.LoadAdapter, apb.LoadAdapterRequest(name="x", source=str(outside)))
+    assert failure.code is grpc.StatusCode.PERMISSION_DENIED
+    assert failure.info.reason == "ADAPTER_SOURCE_FORBIDDEN" and failure.info.metadata["source"] == str(outside)
+    hub = expect_failure(server.adapters.LoadAdapter, apb.LoadAdapterRequest(name="y", source="someone/adapter"))
+    assert hub.code is grpc.StatusCode.PERMISSION_DENIED and "Hub is turned off" in hub.message
+    assert not server.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters  # nothing half-loaded
+    inside = server.adapters.LoadAdapter(apb.LoadAdapterRequest(name="math", source=str(adapter_dirs["math"])))
+    assert inside.adapter.name == "math"
+
+
+def test_adapter_root_flags(tmp_path):
+    from service import __main__ as service_main
+
+    parse = service_main.build_parser().parse_args
+    args = parse(["--model", "m", "--adapter-root", str(tmp_path), "--no-hub-adapters"])
+    config = service_main.config_from_args(args, {})
+    assert config.adapter_roots == (str(tmp_path),) and config.allow_hub_adapters is False
+    default = service_main.config_from_args(parse(["--model", "m"]), {})
+    assert default.adapter_roots is None and default.allow_hub_adapters is True
+    with pytest.raises(ValueError, match="--adapter-root: not a folder"):
+        service_main.config_from_args(parse(["--model", "m", "--adapter-root", str(tmp_path / "nope")]), {})
