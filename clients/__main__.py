@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+import grpc
+
 from clients.client import DEFAULT_TARGET, Completion, LoramuxClient, LoramuxRpcError, TextChunk
 
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clients", description="loramux command-line client")
     p.add_argument("--target", help=f"server address (default $LORAMUX_TARGET or {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, help="deadline of each call in seconds (default: none)")
+    p.add_argument("--tls-ca-file", help="connect with TLS, trusting this CA's PEM (default: plaintext)")
     p.add_argument(
         "--token-file",
         help="file holding the bearer token for servers that require one (default: $LORAMUX_TOKEN, if set)",
@@ -148,7 +151,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             token = f.read().strip() or None
     else:
         token = os.environ.get("LORAMUX_TOKEN") or None
-    with LoramuxClient(target, timeout=args.timeout, token=token) as client:
+    credentials = None
+    if args.tls_ca_file:
+        with open(args.tls_ca_file, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    with LoramuxClient(target, timeout=args.timeout, token=token, credentials=credentials) as client:
         try:
             if args.command == "generate":
                 run_generate(client, args, out, err)

@@ -115,11 +115,13 @@ class LoramuxClient:
         timeout: float | None = None,
         max_message_bytes: int = 16 * MiB,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """``timeout``: the default deadline of every call, in seconds (None: no deadline). ``token``: sent as
         ``authorization: Bearer <token>`` on every call, for servers started with --auth-tokens-file. It is
         plain metadata, not call credentials, which grpc refuses on an insecure channel; use TLS (or a trusted
-        network) in production."""
+        network) in production. ``credentials``: for a TLS server, e.g.
+        ``grpc.ssl_channel_credentials(root_certificates=...)`` (None: a plaintext channel)."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -127,7 +129,10 @@ class LoramuxClient:
         self.target = target
         self.timeout = timeout
         self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self.channel = grpc.insecure_channel(target, options=options)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
         self._generation = gpb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

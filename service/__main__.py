@@ -26,6 +26,7 @@ from service.config import (
     MiB,
     NetworkConfig,
     ServiceConfig,
+    TlsFiles,
     demo_adapters,
 )
 from service.server import serve
@@ -135,6 +136,9 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
         default=ping,
         help=f"clients pinging more often are disconnected (default {ping})",
     )
+    g.add_argument("--tls-cert-file", metavar="PEM", help="serve TLS with this certificate chain (with --tls-key-file)")
+    g.add_argument("--tls-key-file", metavar="PEM", help="the certificate's private key")
+    g.add_argument("--tls-client-ca-file", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
     g.add_argument("--grace-period", type=_non_negative_float, default=10.0, help="seconds in-flight RPCs get at stop")
     g.add_argument(
         "--drain-delay",
@@ -191,6 +195,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         keepalive_time_ms=args.keepalive_time_ms,
         keepalive_timeout_ms=args.keepalive_timeout_ms,
         min_client_ping_interval_ms=args.min_client_ping_interval_ms,
+        tls=_tls_files(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file),
     )
     return ServiceConfig(
         model=model,
@@ -210,6 +215,19 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         adapter_roots=_adapter_roots(args.adapter_root),
         allow_hub_adapters=args.allow_hub_adapters,
     )
+
+
+def _tls_files(cert: str | None, key: str | None, client_ca: str | None) -> TlsFiles | None:
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
+    missing = [p for p in (cert, key, client_ca) if p is not None and not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"TLS file not found: {', '.join(missing)}")
+    return TlsFiles(cert=Path(cert), key=Path(key), client_ca=Path(client_ca) if client_ca else None)
 
 
 def _adapter_roots(roots: list[str] | None) -> tuple[str, ...] | None:

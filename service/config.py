@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from core.engine import EngineConfig
 from core.model_loader import ModelSpec
 from service.auth import BearerTokens
@@ -32,6 +34,24 @@ class AdapterPreload:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for serving TLS; with ``client_ca``, clients must present a certificate it signed (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Read the files (at start-up: a bad path fails before the port opens)."""
+        pair = [(self.key.read_bytes(), self.cert.read_bytes())]
+        if self.client_ca is None:
+            return grpc.ssl_server_credentials(pair)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=self.client_ca.read_bytes(), require_client_auth=True
+        )
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     """Listening address and the grpc channel arguments the server is built with."""
 
@@ -41,6 +61,7 @@ class NetworkConfig:
     keepalive_time_ms: int = 30_000  # server pings an idle connection this often
     keepalive_timeout_ms: int = 10_000  # and drops it when the ping is not answered within this
     min_client_ping_interval_ms: int = 10_000  # clients may ping (keepalive) at most this often
+    tls: TlsFiles | None = None  # None: plaintext HTTP/2
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel args with their real names (grpc.md §1.5-1.6; unknown names are silently ignored)."""

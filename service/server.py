@@ -100,7 +100,10 @@ def create_server(config: ServiceConfig, *, engine: Engine | None = None) -> tup
     wrapper = LoramuxServer(config, runtime, server, metrics=metrics)
     reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     net = config.network
-    port = server.add_insecure_port(f"{_host(net.host)}:{net.port}")
+    address = f"{_host(net.host)}:{net.port}"
+    port = (
+        server.add_secure_port(address, net.tls.server_credentials()) if net.tls else server.add_insecure_port(address)
+    )
     return wrapper, port
 
 
@@ -119,7 +122,8 @@ async def serve(config: ServiceConfig) -> int:
         counts = ", ".join(f"{n} {role.value}" for role, n in token_roles(config.auth_tokens).items())
         log.info("authorization required on loramux RPCs (tokens: %s)", counts)
     await server.start()
-    print(f"loramux listening on {_host(config.network.host)}:{port}", flush=True)
+    tls = " (TLS)" if config.network.tls is not None else ""
+    print(f"loramux listening on {_host(config.network.host)}:{port}{tls}", flush=True)
     if server.metrics is not None:
         print(f"loramux metrics on http://{_host(config.network.host)}:{server.metrics.port}/metrics", flush=True)
     loading = on_own_thread(
