@@ -65,6 +65,40 @@ def test_node_client_against_a_real_server(make_server, adapter_dirs, caplog):
     assert "request_id=node-404 status=NOT_FOUND" in caplog.text
 
 
+NODE_AUTH_SCRIPT = """
+const { LoramuxClient, grpc } = require('./src/loramux');
+const target = process.env.LORAMUX_TARGET;
+(async () => {
+  const user = new LoramuxClient(target, { token: process.env.LORAMUX_TOKEN });
+  const { adapters } = await user.listAllAdapters();
+  console.log('listed', adapters.map((a) => a.name).join(','));
+  const { finished } = await user.generateText({ text: 'Prove', stopping: { max_new_tokens: 2, ignore_eos: true } });
+  console.log('generated', finished.usage.completion_tokens);
+  await user.setAdapter({ name: 'math' }).catch((e) => console.log('set', grpc.status[e.code]));
+  console.log('health', await new LoramuxClient(target).check('loramux.v1.GenerationService'));
+  await new LoramuxClient(target).listAdapters({}).catch((e) => console.log('anonymous', grpc.status[e.code]));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_node_client_sends_its_bearer_token(make_server, adapter_dirs):
+    from service.auth import parse_tokens
+
+    node = node_or_skip()
+    tokens = parse_tokens("generate node-user-token\nadmin node-admin-token\n")
+    server: Harness = make_server(adapters={"math": adapter_dirs["math"]}, auth_tokens=tokens)
+    env = {"LORAMUX_TARGET": server.target, "LORAMUX_TOKEN": "node-user-token"}
+    result = run_node(node, "-e", NODE_AUTH_SCRIPT, env=env)
+    assert result.returncode == 0, f"node failed:\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.splitlines() == [
+        "listed math",
+        "generated 2",
+        "set PERMISSION_DENIED",
+        "health SERVING",
+        "anonymous UNAUTHENTICATED",
+    ]
+
+
 def test_node_example_loads_lists_sets_and_streams(make_server, adapter_dirs):
     node = node_or_skip()
     server: Harness = make_server(adapters={"math": adapter_dirs["math"]})

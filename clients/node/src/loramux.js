@@ -98,9 +98,13 @@ function richError(err) {
   };
 }
 
-/** Call options: `deadlineMs` (default 30 s), `requestId`, `traceparent`, `metadata` ({ key: value }). */
-function callMetadata({ requestId, traceparent, metadata } = {}) {
+/**
+ * Call options: `deadlineMs` (default 30 s), `requestId`, `traceparent`, `metadata` ({ key: value }). `token` (set
+ * by the client from its constructor option) becomes `authorization: Bearer <token>`.
+ */
+function callMetadata({ requestId, traceparent, metadata, token } = {}) {
   const md = new grpc.Metadata();
+  if (token) md.set('authorization', `Bearer ${token}`);
   if (requestId) md.set('x-request-id', requestId);
   if (traceparent) md.set('traceparent', traceparent);
   for (const [key, value] of Object.entries(metadata || {})) md.set(key, value);
@@ -112,8 +116,13 @@ function deadline({ deadlineMs = DEFAULT_DEADLINE_MS } = {}) {
 }
 
 class LoramuxClient {
-  /** `target`: host:port. `options.credentials`: grpc-js channel credentials (default: plaintext). */
-  constructor(target, { credentials = grpc.credentials.createInsecure(), channelOptions = {} } = {}) {
+  /**
+   * `target`: host:port. `options.credentials`: grpc-js channel credentials (default: plaintext; for TLS
+   * `grpc.credentials.createSsl(caPem)`). `options.token`: a bearer token sent on every call, for servers
+   * started with --auth-tokens-file.
+   */
+  constructor(target, { credentials = grpc.credentials.createInsecure(), channelOptions = {}, token } = {}) {
+    this.token = token;
     const pkg = loadPackage();
     this.adapters = new pkg.loramux.v1.AdapterService(target, credentials, channelOptions);
     const shared = { ...channelOptions, channelOverride: this.adapters.getChannel() }; // one connection for all
@@ -125,7 +134,8 @@ class LoramuxClient {
   unary(client, method, request, options = {}) {
     return new Promise((resolve, reject) => {
       let requestId;
-      const call = client[method](request, callMetadata(options), deadline(options), (err, response) => {
+      const md = callMetadata({ ...options, token: this.token });
+      const call = client[method](request, md, deadline(options), (err, response) => {
         if (err) reject(err);
         else resolve({ response, requestId });
       });
@@ -174,7 +184,7 @@ class LoramuxClient {
    * server; the 'metadata' event carries the echoed `x-request-id`).
    */
   generate(request, options = {}) {
-    return this.generation.Generate(request, callMetadata(options), deadline(options));
+    return this.generation.Generate(request, callMetadata({ ...options, token: this.token }), deadline(options));
   }
 
   /** Generate, collected: `{ text, tokenIds, finished, requestId }`. */
