@@ -29,6 +29,9 @@ class EngineConfig:
     # Padded prompt tokens prefilled in one step (rows x longest prompt); the rest join at the next steps, so
     # running rows keep decoding between chunks of a burst. A longer single prompt is still admitted alone.
     max_prefill_tokens: int = 4096
+    # A prompt longer than this is prefilled this many tokens per step, between the batch's decode steps
+    # (core/chunked_prefill.py), so running streams do not stall behind it.
+    prefill_chunk_tokens: int = 512
     # GEMM for the model's nn.Linear layers on CPU: "onednn" (faster at serving shapes) or "torch" (MKL's sgemm,
     # what transformers and PEFT use). See core/linear_kernels.py.
     linear_kernel: str = ONEDNN

@@ -26,6 +26,7 @@ from core import kv_batch
 from core.adapter_manager import AdapterManager
 from core.admission import Admission, Row
 from core.admission import EngineConfig as EngineConfig  # re-exported: the engine's public config
+from core.chunked_prefill import ChunkedPrefill
 from core.errors import (
     CapacityExceededError,
     EngineFailure,
@@ -96,6 +97,7 @@ class Engine:
         self._cache: GrowableCache | None = None
         self._mask: Tensor | None = None
         self._plan: RoutingPlan | None = None
+        self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
         ready = threading.Event()
@@ -132,8 +134,11 @@ class Engine:
     def load(self) -> EngineLoad:
         """A snapshot of the batch and the queue, from any thread (read-only; a row may be mid-admission)."""
         rows = list(self._rows)
+        chunking = self._chunking
         with self._queue.mutex:  # queue.Queue's own lock, held only to copy its items
             waiting = [*self._deferred, *(r for r in self._queue.queue if r is not None)]
+        if chunking is not None:
+            waiting.append(chunking.row)
         return EngineLoad(
             running=len(rows),
             waiting=len(waiting),
@@ -160,8 +165,10 @@ class Engine:
             ready.set()
         stop = False
         while not stop:
-            stop = self._take_new(block=not self._rows)
+            stop = self._take_new(block=not self._rows and self._chunking is None)
             self._drop_finished()
+            if self._chunking is not None:
+                self._prefill_chunk()
             try:
                 with torch.no_grad():
                     if self._rows:
@@ -177,13 +184,18 @@ class Engine:
         """Admit queued requests up to the row limit and the prefill budget. Returns True when asked to stop."""
         new: list[Row] = []
         stop = False
-        while len(self._rows) + len(new) < self.config.max_batch_rows:
+        while len(self._rows) + len(new) + (self._chunking is not None) < self.config.max_batch_rows:
             row = self._next_queued(block=block and not new)
             if row is None:
                 stop = self._stop_requested
                 break
             if row.channel.cancelled.is_set():
                 row.channel.put(RequestCancelledError("the request was cancelled before it started"))
+            elif len(row.prompt_ids) > self.config.prefill_chunk_tokens:
+                if self._chunking is not None:  # one long prompt at a time; this one is next
+                    self._deferred.appendleft(row)
+                    break
+                self._chunking = ChunkedPrefill(row, plan=self.manager.plan([row.adapter]))
             elif new and not _fits_prefill(new, row, self.config.max_prefill_tokens):
                 self._deferred.appendleft(row)  # first in line at the next step
                 break
@@ -226,6 +238,30 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+        self._join(new, cache, mask, plan, out.logits[:, -1, :])
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled; after the last, its row joins the batch."""
+        job = self._chunking
+        assert job is not None
+        if job.row.channel.cancelled.is_set():
+            self._chunking = None
+            job.row.channel.put(RequestCancelledError("the request was cancelled"))
+            return
+        try:
+            with torch.no_grad():
+                logits = job.step(self.model, chunk=self.config.prefill_chunk_tokens, device=self._device)
+                if logits is not None:
+                    self._chunking = None
+                    self._join([job.row], job.cache, job.mask(), job.plan, logits)
+        except Exception:
+            log.exception("chunked prefill failed")
+            self._chunking = None
+            job.row.channel.put(EngineFailure("generation failed inside the engine"))
+            job.row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
+
+    def _join(self, new: list[Row], cache: GrowableCache, mask: Tensor, plan: RoutingPlan, logits: Tensor) -> None:
+        """Prefilled rows (their cache, mask (N, S), plan and last logits (N, V)) join the decode batch."""
         if self._cache is None or self._mask is None:  # the new rows are the whole batch: so is their plan
             self._cache, self._mask, self._plan = cache, mask, plan
         else:
@@ -233,7 +269,7 @@ class Engine:
             if self._plan is not None:  # the new rows join the decode plan at its end, like the cache
                 self._plan = extend_plan(self._plan, _weights(self._rows), _weights(new))
         self._rows.extend(new)
-        self._emit(new, out.logits[:, -1, :])
+        self._emit(new, logits)
 
     def _decode_step(self) -> None:
         assert self._cache is not None and self._mask is not None
@@ -323,6 +359,9 @@ class Engine:
         self._rows, self._cache, self._mask, self._plan = [], None, None, None
 
     def _drain_queue(self) -> None:
+        if self._chunking is not None:
+            self._chunking.row.channel.put(ShuttingDownError("the server shut down before this request finished"))
+            self._chunking = None
         while self._deferred:
             self._deferred.popleft().channel.put(ShuttingDownError("the server shut down before this request started"))
         while True:

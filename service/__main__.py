@@ -40,6 +40,7 @@ _ENGINE_FLAGS = (  # EngineConfig field, help
     ("default_max_new_tokens", "max_new_tokens when a request sets none"),
     ("max_new_tokens_ceiling", "largest max_new_tokens a request may ask"),
     ("max_prefill_tokens", "padded prompt tokens prefilled per step; more join at the next steps"),
+    ("prefill_chunk_tokens", "longer prompts are prefilled this many tokens per step, between decode steps"),
 )
 
 

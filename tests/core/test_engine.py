@@ -359,3 +359,59 @@ def test_linear_kernel_is_chosen_by_config(base_model, tokenizer, adapter_dirs):
         engine.close()
     with pytest.raises(ValueError, match="linear_kernel must be one of onednn, torch"):
         make_engine(base_model, tokenizer, {}, linear_kernel="mkl")
+
+
+LONG_PROMPT = [(7 * i + 3) % (VOCAB - 10) + 5 for i in range(21)]  # 6 chunks of 4 (the last has 1 token)
+
+
+def test_a_long_prompt_prefills_in_chunks_while_the_batch_decodes(base_model, tokenizer, adapter_dirs, peft_model):
+    sizes: list[int] = []
+    eng = make_engine(base_model, tokenizer, adapter_dirs, prefill_chunk_tokens=4)
+    eng._on_step = sizes.append
+    try:
+        short = eng.submit(GenerationRequest(prompt=PROMPTS[0], adapter="poet", max_new_tokens=20, ignore_eos=True))
+        long = eng.submit(GenerationRequest(prompt=LONG_PROMPT, adapter="math", max_new_tokens=8, ignore_eos=True))
+        short_ids, long_ids = collect(short)[0], collect(long)[0]
+    finally:
+        eng.close()
+    assert long_ids == peft_greedy(peft_model, LONG_PROMPT, "math", 8)
+    assert short_ids == peft_greedy(peft_model, PROMPTS[0], "poet", 20)
+    first_pair = sizes.index(2)
+    assert first_pair >= 5 and set(sizes[:first_pair]) == {1}  # the short row decoded through 5+ chunks alone
+
+
+def test_a_long_prompt_cancelled_mid_prefill_never_joins(base_model, tokenizer, adapter_dirs):
+    eng = make_engine(base_model, tokenizer, adapter_dirs, prefill_chunk_tokens=4)
+    sizes: list[int] = []
+    pending: list = []
+
+    def cancel_mid_prefill(rows: int) -> None:  # on the engine thread, after a decode step
+        sizes.append(rows)
+        job = eng._chunking
+        if pending and job is not None and 0 < job.done < len(LONG_PROMPT):
+            pending[0].cancel()
+
+    eng._on_step = cancel_mid_prefill
+    try:
+        short = eng.submit(GenerationRequest(prompt=PROMPTS[1], max_new_tokens=12, ignore_eos=True))
+        pending.append(eng.submit(GenerationRequest(prompt=LONG_PROMPT, max_new_tokens=4, ignore_eos=True)))
+        with pytest.raises(RequestCancelledError):
+            collect(pending[0])
+        assert len(collect(short)[0]) == 12
+    finally:
+        eng.close()
+    assert set(sizes) == {1} and eng.queued == 0 and eng.running_rows == 0
+
+
+def test_long_prompts_take_turns_and_shutdown_ends_a_pending_one(base_model, tokenizer, adapter_dirs, peft_model):
+    eng = make_engine(base_model, tokenizer, adapter_dirs, prefill_chunk_tokens=4)
+    try:
+        first = eng.submit(GenerationRequest(prompt=LONG_PROMPT, adapter="poet", max_new_tokens=3, ignore_eos=True))
+        second = eng.submit(GenerationRequest(prompt=LONG_PROMPT[::-1], max_new_tokens=3, ignore_eos=True))
+        assert collect(first)[0] == peft_greedy(peft_model, LONG_PROMPT, "poet", 3)
+        assert collect(second)[0] == peft_greedy(peft_model, LONG_PROMPT[::-1], None, 3)
+        third = eng.submit(GenerationRequest(prompt=LONG_PROMPT, max_new_tokens=3, ignore_eos=True))
+    finally:
+        eng.close()
+    with pytest.raises(ShuttingDownError):
+        collect(third)
