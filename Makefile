@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
-.PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine proto proto-lint proto-check run clean
+.PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine bench-long-prompt proto proto-lint proto-check run clean
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -44,10 +44,13 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check core service clients/client.py clients/__main__.py demo tests bench
 	$(PY) -m mypy
 
-bench: bench-adapters bench-routing bench-engine
+bench: bench-adapters bench-routing bench-engine bench-long-prompt
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
+
+bench-long-prompt: $(STAMP)
+	$(PY) -m bench.long_prompt
 
 bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager

@@ -5,13 +5,16 @@ cache each step: at 8 rows and ~100 tokens that is 10% of a decode step on CPU (
 ``GrowableLayer`` keeps keys and values as views of a larger buffer and copies only when the buffer is full,
 growing it by a quarter (at least ``MIN_SPARE`` tokens), so a step's cost no longer grows with the context.
 
-``keys``/``values`` stay the layer's source of truth, as in ``DynamicLayer``: code that replaces them (the
-batch bookkeeping in ``kv_batch`` when rows join or leave, transformers' ``crop`` or beam reordering) simply
-makes the next update move them into a fresh buffer.
+Rows leaving the batch are handled in place (``keep_rows``: only the rows moved into the holes are copied,
+and leading all-padding columns are dropped by moving a start offset); rows joining are written once into a
+new buffer with room to grow (``left_padded_buffer`` + ``adopt``). ``keys``/``values`` stay the layer's
+source of truth, as in ``DynamicLayer``: code that replaces them (transformers' ``crop`` or beam reordering)
+simply makes the next update move them into a fresh buffer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,12 +30,15 @@ def _capacity(needed: int) -> int:
 
 
 class GrowableLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values (N, H, S, D) are prefix views of buffers (N, H, capacity, D)."""
+    """A DynamicLayer whose keys and values (N, H, S, D) are views ``buffer[:N, :, start:start + S]`` of buffers
+    (R, H, capacity, D) with room to grow; ``kv_batch`` uses ``keep_rows`` and ``adopt`` for rows leaving and
+    joining the batch without copying the rows that stay."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._key_buffer: Tensor | None = None
         self._value_buffer: Tensor | None = None
+        self._start = 0  # first buffer column in use
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -40,23 +46,56 @@ class GrowableLayer(DynamicLayer):
         length, new = self.get_seq_length(), key_states.shape[-2]
         if not self._holds_views(key_states, length + new):
             self._regrow(key_states, value_states, length, _capacity(length + new))
-        assert self._key_buffer is not None and self._value_buffer is not None
-        self._key_buffer[:, :, length : length + new].copy_(key_states)
-        self._value_buffer[:, :, length : length + new].copy_(value_states)
-        self.keys = self._key_buffer[:, :, : length + new]
-        self.values = self._value_buffer[:, :, : length + new]
-        return self.keys, self.values
+        kb, vb, rows, start = self._key_buffer, self._value_buffer, key_states.shape[0], self._start
+        assert kb is not None and vb is not None
+        kb[:rows, :, start + length : start + length + new].copy_(key_states)
+        vb[:rows, :, start + length : start + length + new].copy_(value_states)
+        self._set_views(rows, length + new)
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def keep_rows(self, moves: Sequence[tuple[int, int]], rows: int, drop_front: int) -> bool:
+        """In place: row dst takes row src for each (dst, src) in moves (src >= rows > dst), keep the first
+        ``rows`` rows and drop ``drop_front`` leading columns. Only moved rows are copied. False (nothing done)
+        when keys/values are not views of this layer's buffers or the moves could overlap."""
+        keys = self.keys
+        if keys is None or not self._holds_views(keys, keys.shape[-2]):
+            return False
+        if any(not dst < rows <= src for dst, src in moves):
+            return False
+        kb, vb, start, length = self._key_buffer, self._value_buffer, self._start, keys.shape[-2]
+        assert kb is not None and vb is not None
+        if moves:
+            dst = torch.tensor([d for d, _ in moves], device=kb.device)
+            src = torch.tensor([s for _, s in moves], device=kb.device)
+            for buffer in (kb, vb):
+                buffer[dst, :, start : start + length] = buffer[src, :, start : start + length]
+        self._start = start + drop_front
+        self._set_views(rows, length - drop_front)
+        return True
+
+    def adopt(self, key_buffer: Tensor, value_buffer: Tensor, *, rows: int, length: int) -> None:
+        """Take over new buffers whose first ``length`` columns of the first ``rows`` rows hold the states."""
+        self._key_buffer, self._value_buffer, self._start = key_buffer, value_buffer, 0
+        self._set_views(rows, length)
+
+    def _set_views(self, rows: int, length: int) -> None:
+        kb, vb, start = self._key_buffer, self._value_buffer, self._start
+        assert kb is not None and vb is not None
+        self.keys = kb[:rows, :, start : start + length]
+        self.values = vb[:rows, :, start : start + length]
 
     def _holds_views(self, key_states: Tensor, needed: int) -> bool:
-        """Are keys/values still the prefix views of our buffers, with room for ``needed`` tokens?"""
+        """Are keys/values still the views of our buffers, with room for ``needed`` tokens from ``start``?"""
         kb, vb, keys, values = self._key_buffer, self._value_buffer, self.keys, self.values
         if kb is None or vb is None or keys is None or values is None or keys.numel() == 0:
             return False
+        offset = self._start * kb.stride(2) * kb.element_size()  # where column `start` of row 0 begins
         return (
-            needed <= kb.shape[-2]
-            and keys.data_ptr() == kb.data_ptr()
-            and values.data_ptr() == vb.data_ptr()
-            and keys.shape[:2] == kb.shape[:2] == key_states.shape[:2]
+            self._start + needed <= kb.shape[-2]
+            and keys.shape[0] == key_states.shape[0] <= kb.shape[0]
+            and keys.shape[1] == kb.shape[1] == key_states.shape[1]
+            and keys.data_ptr() == kb.data_ptr() + offset
+            and values.data_ptr() == vb.data_ptr() + offset
             and keys.stride() == kb.stride()
             and values.stride() == vb.stride()
         )
@@ -64,9 +103,11 @@ class GrowableLayer(DynamicLayer):
     def _regrow(self, key_states: Tensor, value_states: Tensor, length: int, capacity: int) -> None:
         self._key_buffer = _buffer_with(self.keys, key_states, length, capacity)
         self._value_buffer = _buffer_with(self.values, value_states, length, capacity)
+        self._start = 0
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
+        self._start = 0
         super().reset()
 
 
@@ -77,6 +118,21 @@ def _buffer_with(current: Tensor | None, states: Tensor, length: int, capacity: 
     if length:
         assert current is not None
         buffer[:, :, :length].copy_(current)
+    return buffer
+
+
+def left_padded_buffer(parts: Sequence[Tensor], width: int) -> Tensor:
+    """The rows of each part (n_i, H, S_i, D), right-aligned at ``width`` with zeros on the left, stacked in
+    one new buffer (sum n_i, H, capacity, D) with room to grow: one copy of each part."""
+    first = parts[0]
+    rows, heads, dim = sum(p.shape[0] for p in parts), first.shape[1], first.shape[3]
+    buffer = torch.empty((rows, heads, _capacity(width), dim), dtype=first.dtype, device=first.device)
+    row = 0
+    for part in parts:
+        n, pad = part.shape[0], width - part.shape[2]
+        buffer[row : row + n, :, :pad].zero_()  # padding is masked, but must be finite (0 x NaN is NaN)
+        buffer[row : row + n, :, pad:width].copy_(part)
+        row += n
     return buffer
 
 

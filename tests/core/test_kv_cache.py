@@ -64,3 +64,48 @@ def test_crop_then_update_overwrites_the_dropped_tokens() -> None:
     layer.crop(-2)
     keys, _ = layer.update(torch.full((1, 1, 1, 1), 7.0), torch.zeros(1, 1, 1, 1))
     assert keys[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
+
+
+def layer_with(keys: torch.Tensor) -> GrowableLayer:
+    layer = GrowableLayer()
+    layer.update(keys, -keys)
+    return layer
+
+
+def rows_of(n: int, length: int) -> torch.Tensor:
+    """(n, 1, length, 1): row i holds i*100 + column."""
+    return (torch.arange(n).view(n, 1, 1, 1) * 100 + torch.arange(length).view(1, 1, length, 1)).float()
+
+
+def test_rows_leave_in_place_copying_only_the_moved_rows() -> None:
+    layer = layer_with(rows_of(5, 4))
+    buffer = layer.keys.data_ptr()
+    assert layer.keep_rows([(1, 4)], rows=3, drop_front=1)  # rows 1 and 3 left: row 4 fills hole 1
+    assert layer.keys.data_ptr() != buffer  # a view one column further on
+    assert layer.keys[:, 0, :, 0].tolist() == [[1, 2, 3], [401, 402, 403], [201, 202, 203]]
+    assert torch.equal(layer.values, -layer.keys)
+    keys, _ = layer.update(torch.full((3, 1, 1, 1), 9.0), torch.zeros(3, 1, 1, 1))
+    assert keys[:, 0, :, 0].tolist() == [[1, 2, 3, 9], [401, 402, 403, 9], [201, 202, 203, 9]]
+
+
+def test_overlapping_moves_are_refused() -> None:
+    layer = layer_with(rows_of(3, 2))
+    assert not layer.keep_rows([(0, 1), (1, 0)], rows=2, drop_front=0)  # a swap would clobber row 0
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 1], [100, 101], [200, 201]]
+
+
+def test_select_rows_in_any_order_and_merge_left_pads_with_zeros() -> None:
+    from core.kv_batch import merge, select_rows
+
+    cache_a, cache_b = GrowableCache(), GrowableCache()
+    cache_a.update(rows_of(3, 2), -rows_of(3, 2), 0)
+    cache_b.update(rows_of(1, 4) + 1000, -rows_of(1, 4), 0)
+    mask = merge(cache_a, torch.ones(3, 2, dtype=torch.long), cache_b, torch.ones(1, 4, dtype=torch.long))
+    keys = cache_a.layers[0].keys
+    assert mask.tolist() == [[0, 0, 1, 1]] * 3 + [[1, 1, 1, 1]]
+    assert keys[:, 0, :, 0].tolist() == [[0, 0, 0, 1], [0, 0, 100, 101], [0, 0, 200, 201], [1000, 1001, 1002, 1003]]
+    grown, _ = cache_a.update(torch.zeros(4, 1, 1, 1), torch.zeros(4, 1, 1, 1), 0)
+    assert grown.data_ptr() == keys.data_ptr()  # merged with room to grow: no copy at the next step
+    mask = select_rows(cache_a, torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1), [2, 0])  # any order
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 1]]  # the long row left: its two leading columns too
+    assert cache_a.layers[0].keys[:, 0, :, 0].tolist() == [[200, 201, 0], [0, 1, 0]]

@@ -1,0 +1,82 @@
+"""A long prompt arriving while 8 streams decode: how long the streams stall, with and without chunked prefill.
+
+    make bench-long-prompt       # or: python -m bench.long_prompt   (part of `make bench`)
+
+The Llama-shaped model of bench/engine.py, no adapters. 8 requests (32 prompt tokens) decode; once each has
+streamed a token, a request with a LONG-token prompt arrives. Measured per round, side by side: the longest
+gap between two tokens of the 8 streams while the long prompt is prefilled, and the long request's time to
+first token. "one-shot" prefills the whole prompt in one forward (--prefill-chunk-tokens above its length);
+"chunked" feeds it CHUNK tokens per step between decode steps (the default 512 behaves alike).
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import threading
+import time
+
+import torch
+
+from bench.common import bpe_tokenizer, llama_512
+from bench.engine import in_fresh_thread
+from core.adapter_manager import AdapterManager
+from core.engine import Engine, EngineConfig
+from core.requests import AdapterSelection, GenerationRequest, TokenDelta
+
+ROWS, LONG, CHUNK, ROUNDS = 8, 1536, 256, 5
+
+
+def one_round(model, tokenizer, chunk: int) -> tuple[float, float]:
+    """(longest stall of the running streams, the long request's time to first token), in seconds."""
+    config = EngineConfig(max_batch_rows=16, prefill_chunk_tokens=chunk, max_prompt_tokens=LONG)
+    engine = in_fresh_thread(lambda: Engine(model, tokenizer, AdapterManager(model), config))
+    generator = torch.Generator().manual_seed(5)
+    short = torch.randint(1, 8192, (ROWS, 32), generator=generator).tolist()
+    stamps: list[list[float]] = [[] for _ in range(ROWS)]
+    started = threading.Barrier(ROWS + 1)
+
+    def consume(i: int) -> None:
+        request = GenerationRequest(prompt=short[i], adapter=AdapterSelection.BASE, max_new_tokens=400, ignore_eos=True)
+        for n, event in enumerate(engine.submit(request)):
+            if isinstance(event, TokenDelta):
+                stamps[i].append(time.perf_counter())
+            if n == 0:
+                started.wait()
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(ROWS)]
+    for t in threads:
+        t.start()
+    started.wait()  # every stream is decoding
+    long_prompt = torch.randint(1, 8192, (LONG,), generator=generator).tolist()
+    sent = time.perf_counter()
+    request = GenerationRequest(prompt=long_prompt, adapter=AdapterSelection.BASE, max_new_tokens=2, ignore_eos=True)
+    next(e for e in engine.submit(request) if isinstance(e, TokenDelta))
+    ttft = time.perf_counter() - sent
+    for channel_thread in threads:
+        channel_thread.join()
+    engine.close()
+    window = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > sent and a < sent + ttft]
+    return max(window), ttft
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model, tokenizer = in_fresh_thread(lambda: (llama_512(), bpe_tokenizer(8192)))
+    cases = {"one-shot": LONG + 1, "chunked": CHUNK}
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+    for _ in range(ROUNDS):
+        for name, chunk in cases.items():
+            samples[name].append(in_fresh_thread(lambda chunk=chunk: one_round(model, tokenizer, chunk)))
+    print(f"== a {LONG}-token prompt arrives while {ROWS} streams decode (median of {ROUNDS} interleaved rounds)")
+    for name, values in samples.items():
+        stall = statistics.median(v[0] for v in values)
+        ttft = statistics.median(v[1] for v in values)
+        label = f"{name} ({CHUNK} tokens per step)" if name == "chunked" else name
+        print(f"{label:30} longest stall of a running stream {stall * 1e3:7.1f} ms   TTFT {ttft * 1e3:7.1f} ms")
+    ratio = statistics.median(v[0] for v in samples["one-shot"]) / statistics.median(v[0] for v in samples["chunked"])
+    print(f"stall, one-shot vs chunked: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
