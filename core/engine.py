@@ -60,6 +60,9 @@ class EngineLoad:
     running_adapters: frozenset[str]
     waiting_adapters: frozenset[str]
     steps: int  # decode steps so far
+    kv_cache_bytes: int = 0  # memory held by the batch's KV cache, spare room included
+    kv_cache_tokens: int = 0  # token positions the batch's rows use
+    kv_cache_padded_tokens: int = 0  # rows x columns of the left-padded cache (what each step attends over)
 
 
 class Engine:
@@ -139,12 +142,16 @@ class Engine:
             waiting = [*self._deferred, *(r for r in self._queue.queue if r is not None)]
         if chunking is not None:
             waiting.append(chunking.row)
+        cache, mask = self._cache, self._mask
         return EngineLoad(
             running=len(rows),
             waiting=len(waiting),
             running_adapters=frozenset(r.adapter.name for r in rows if r.adapter is not None),
             waiting_adapters=frozenset(r.adapter.name for r in waiting if r.adapter is not None),
             steps=self.steps,
+            kv_cache_bytes=cache.allocated_bytes() if cache is not None else 0,
+            kv_cache_tokens=sum(len(r.prompt_ids) + r.generated - 1 for r in rows),  # the newest token: next step
+            kv_cache_padded_tokens=mask.shape[0] * mask.shape[1] if mask is not None else 0,
         )
 
     def stop_accepting(self) -> None:

@@ -105,6 +105,12 @@ class GrowableLayer(DynamicLayer):
         self._value_buffer = _buffer_with(self.values, value_states, length, capacity)
         self._start = 0
 
+    def allocated_bytes(self) -> int:
+        kb, vb = self._key_buffer, self._value_buffer
+        if kb is None or vb is None:  # not grown yet: what the update left in keys/values
+            kb, vb = self.keys, self.values
+        return (kb.nbytes if kb is not None else 0) + (vb.nbytes if vb is not None else 0)
+
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
         self._start = 0
@@ -142,3 +148,7 @@ class GrowableCache(DynamicCache):
     def __init__(self) -> None:
         super().__init__()
         self.layer_class_to_replicate = GrowableLayer
+
+    def allocated_bytes(self) -> int:
+        """Bytes held by every layer's buffers, spare room included (attribute reads only: safe from any thread)."""
+        return sum(layer.allocated_bytes() for layer in list(self.layers) if isinstance(layer, GrowableLayer))

@@ -161,6 +161,21 @@ class _StateCollector(Collector):
             "loramux_num_requests_running", "Generate requests in the decode batch (batch size)", value=load.running
         )
         yield CounterMetricFamily("loramux_engine_steps", "Decode steps run by the engine", value=load.steps)
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_bytes",
+            "Memory held by the batch's KV cache, spare room included",
+            value=load.kv_cache_bytes,
+        )
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_tokens",
+            "Token positions the running requests hold in the KV cache",
+            value=load.kv_cache_tokens,
+        )
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_padded_tokens",
+            "Rows x columns of the left-padded KV cache each decode step attends over (vs kv_cache_tokens: padding)",
+            value=load.kv_cache_padded_tokens,
+        )
         yield GaugeMetricFamily("loramux_adapters_resident", "Adapters resident in memory", value=len(adapters))
         yield GaugeMetricFamily("loramux_adapters_max", "Resident adapters at most", value=metrics.max_adapters)
         total = sum(info.size_bytes for info in adapters)

@@ -105,6 +105,10 @@ def test_lora_requests_info_shows_running_and_waiting_adapters(make_server):
     assert info == [({"max_lora": "64", "running_lora_adapters": "math", "waiting_lora_adapters": "poet"}, info[0][1])]
     assert before - 5 <= info[0][1] <= time.time() + 5  # the value is the scrape's Unix time, as in vLLM
     assert value(s, "loramux_num_requests_running") == 1 and value(s, "loramux_num_requests_waiting") == 1
+    held = server.engine.load()  # one row: its prompt and first token's position, no padding
+    assert value(s, "loramux_kv_cache_tokens") == held.kv_cache_tokens > 0
+    assert value(s, "loramux_kv_cache_padded_tokens") == held.kv_cache_padded_tokens >= held.kv_cache_tokens
+    assert value(s, "loramux_kv_cache_bytes") > 0
 
     running.cancel()
     waiting.cancel()
@@ -119,6 +123,7 @@ def test_lora_requests_info_shows_running_and_waiting_adapters(make_server):
     assert value(s, "loramux_completion_tokens_total", adapter="math") >= 1  # streamed before the cancel
     idle = (("max_lora", "64"), ("running_lora_adapters", ""), ("waiting_lora_adapters", ""))
     assert ("loramux_lora_requests_info", idle) in s
+    assert value(s, "loramux_kv_cache_bytes") == value(s, "loramux_kv_cache_tokens") == 0  # freed with the rows
 
 
 def test_adapter_loads_evictions_and_unloads(make_server, adapter_dirs):
