@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from service.config import (
     TlsFiles,
     demo_adapters,
 )
+from service.logs import LOG_FORMATS, configure_logging
 from service.server import serve
 
 _ENGINE, _NET = EngineConfig(), NetworkConfig()
@@ -154,6 +154,7 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: a free port, printed)",
     )
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    g.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text lines or one JSON object per line")
     g.add_argument(
         "--auth-tokens-file",
         metavar="FILE",
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, dict(os.environ))
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level=args.log_level, log_format=args.log_format)
     try:
         return asyncio.run(serve(config))
     except (OSError, RuntimeError) as exc:  # e.g. the port is taken

@@ -150,6 +150,22 @@ class CallLog:
             observer=observer,
         )
 
+    def log_fields(self, status: str) -> dict[str, str | int | float]:
+        """The access-log fields, in order; ``adapter`` is "" for the bare base model."""
+        fields: dict[str, str | int | float] = {"rpc": self.method, "request_id": self.request_id, "status": status}
+        if self.adapter is not None:
+            fields["adapter"] = self.adapter
+        if self.prompt_tokens is not None:
+            fields["prompt_tokens"] = self.prompt_tokens
+        if self.completion_tokens is not None:
+            fields["completion_tokens"] = self.completion_tokens
+        fields["duration_ms"] = round(self.elapsed * 1000, 1)
+        if self.first_token_s is not None:
+            fields["ttft_ms"] = round(self.first_token_s * 1000, 1)
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
+        return fields
+
     def echo(self) -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_KEY, self.request_id),)
 
@@ -182,24 +198,20 @@ class CallLog:
 
     def finish(self, status: str) -> None:
         """The request's one access-log line, then the observer (metrics)."""
-        parts = [f"rpc={self.method}", f"request_id={self.request_id}", f"status={status}"]
-        if self.adapter is not None:
-            parts.append(f"adapter={_loggable(self.adapter) if self.adapter else '(base)'}")
-        if self.prompt_tokens is not None:
-            parts.append(f"prompt_tokens={self.prompt_tokens}")
-        if self.completion_tokens is not None:
-            parts.append(f"completion_tokens={self.completion_tokens}")
-        parts.append(f"duration_ms={self.elapsed * 1000:.1f}")
-        if self.first_token_s is not None:
-            parts.append(f"ttft_ms={self.first_token_s * 1000:.1f}")
-        if self.traceparent:
-            parts.append(f"traceparent={self.traceparent}")
-        access_log.info(" ".join(parts))
+        fields = self.log_fields(status)
+        text = " ".join(f"{k}={_text_value(k, v)}" for k, v in fields.items())
+        access_log.info(text, extra={"fields": fields})  # service/logs.py writes the fields as JSON when asked
         if self.observer is not None:
             try:
                 self.observer.request_finished(self, status)
             except Exception:
                 log.exception("request observer failed for %s", self.request_id)
+
+
+def _text_value(key: str, value: str | int | float) -> str:
+    if key == "adapter":
+        return _loggable(str(value)) if value else "(base)"
+    return str(value)
 
 
 def _loggable(value: str) -> str:
