@@ -6,13 +6,13 @@ the field, never later inside the batch, and nothing is queued for a request tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from core.adapter import LoadedAdapter
 from core.adapter_manager import AdapterManager
 from core.errors import CapacityExceededError, InvalidArgumentError
-from core.linear_kernels import ONEDNN
+from core.linear_kernels import LINEAR_KERNELS, ONEDNN
 from core.requests import AdapterSelection, EventChannel, FinishReason, GenerationRequest
 from core.sampling import RowSampler
 from core.text_stream import TextStream
@@ -35,6 +35,14 @@ class EngineConfig:
     # GEMM for the model's nn.Linear layers on CPU: "onednn" (faster at serving shapes) or "torch" (MKL's sgemm,
     # what transformers and PEFT use). See core/linear_kernels.py.
     linear_kernel: str = ONEDNN
+
+    def __post_init__(self) -> None:
+        limits = [f.name for f in fields(self) if f.type == "int"]  # every int field is a limit or a size
+        small = [f"{name}={getattr(self, name)}" for name in limits if getattr(self, name) < 1]
+        if small:
+            raise ValueError(f"engine limits must be >= 1: {', '.join(small)}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)} (got {self.linear_kernel!r})")
 
 
 @dataclass

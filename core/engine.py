@@ -35,7 +35,7 @@ from core.errors import (
     ShuttingDownError,
 )
 from core.kv_cache import GrowableCache
-from core.linear_kernels import LINEAR_KERNELS, use_linear_kernel
+from core.linear_kernels import use_linear_kernel
 from core.lora_weights import AdapterWeights
 from core.requests import (
     EventChannel,
@@ -83,8 +83,6 @@ class Engine:
         *,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        if config.linear_kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)} (got {config.linear_kernel!r})")
         self.model, self.tokenizer, self.manager, self.config = model, tokenizer, manager, config
         self._on_step = on_step  # called on the engine thread with the batch size of each decode step
         self._eos = _eos_ids(model, tokenizer)

@@ -359,6 +359,8 @@ def test_linear_kernel_is_chosen_by_config(base_model, tokenizer, adapter_dirs):
         engine.close()
     with pytest.raises(ValueError, match="linear_kernel must be one of onednn, torch"):
         make_engine(base_model, tokenizer, {}, linear_kernel="mkl")
+    with pytest.raises(ValueError, match="engine limits must be >= 1: max_queued=0, prefill_chunk_tokens=-1"):
+        EngineConfig(max_queued=0, prefill_chunk_tokens=-1)
 
 
 LONG_PROMPT = [(7 * i + 3) % (VOCAB - 10) + 5 for i in range(21)]  # 6 chunks of 4 (the last has 1 token)
