@@ -41,3 +41,7 @@ def configure_logging(*, level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    if log_format == "json":  # transformers' progress bars are not log lines: keep stderr pure JSON
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()

@@ -52,3 +52,18 @@ def test_log_format_flag_and_configuration() -> None:
         service_main.build_parser().parse_args(["--log-format", "xml"])
     with pytest.raises(ValueError, match="log format must be one of text, json"):
         configure_logging(level="INFO", log_format="xml")
+
+
+def test_json_logging_keeps_stderr_pure_json() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        configure_logging(level="WARNING", log_format="json")
+        assert isinstance(root.handlers[0].formatter, JsonFormatter) and root.level == logging.WARNING
+        assert not transformers_logging.is_progress_bar_enabled()  # tqdm bars are not log lines
+    finally:
+        transformers_logging.enable_progress_bar()
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
