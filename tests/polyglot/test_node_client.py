@@ -99,6 +99,34 @@ def test_node_client_sends_its_bearer_token(make_server, adapter_dirs):
     ]
 
 
+NODE_TLS_SCRIPT = """
+const fs = require('node:fs');
+const { LoramuxClient, grpc } = require('./src/loramux');
+const target = process.env.LORAMUX_TARGET;
+(async () => {
+  const ca = fs.readFileSync(process.env.LORAMUX_CA);
+  const secure = new LoramuxClient(target, { credentials: grpc.credentials.createSsl(ca) });
+  console.log('health', await secure.check('loramux.v1.GenerationService'));
+  const { text } = await secure.generateText({ text: 'Prove', stopping: { max_new_tokens: 2, ignore_eos: true } });
+  console.log('generated', text.length > 0);
+  const plain = new LoramuxClient(target);
+  await plain.check('', { deadlineMs: 3000 }).catch((e) => console.log('plaintext', grpc.status[e.code]));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_node_client_over_tls(make_server, adapter_dirs, pki):
+    from service.config import NetworkConfig, TlsFiles
+
+    node = node_or_skip()
+    tls = TlsFiles(cert=pki / "server.pem", key=pki / "server.key")
+    server: Harness = make_server(adapters={"math": adapter_dirs["math"]}, network=NetworkConfig(port=0, tls=tls))
+    env = {"LORAMUX_TARGET": server.target, "LORAMUX_CA": str(pki / "ca.pem")}
+    result = run_node(node, "-e", NODE_TLS_SCRIPT, env=env)
+    assert result.returncode == 0, f"node failed:\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.splitlines() == ["health SERVING", "generated true", "plaintext UNAVAILABLE"]
+
+
 def test_node_example_loads_lists_sets_and_streams(make_server, adapter_dirs):
     node = node_or_skip()
     server: Harness = make_server(adapters={"math": adapter_dirs["math"]})

@@ -2,5 +2,6 @@
 tiny model, tokenizer and adapters come from tests/generation_fixtures.py for every test directory."""
 
 from tests.service.harness import make_server, model_dir, server
+from tests.service.pki import pki
 
-__all__ = ["make_server", "model_dir", "server"]
+__all__ = ["make_server", "model_dir", "pki", "server"]
