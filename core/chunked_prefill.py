@@ -48,6 +48,6 @@ class ChunkedPrefill:
         self.done = end
         return out.logits[:, -1, :] if self.finished else None
 
-    def mask(self) -> Tensor:
+    def mask(self, *, device: torch.device) -> Tensor:
         """(1, prompt length) attention mask of the finished cache, for joining the batch."""
-        return torch.ones((1, self.done), dtype=torch.long, device=self.cache.layers[0].keys.device)  # type: ignore[union-attr]
+        return torch.ones((1, self.done), dtype=torch.long, device=device)

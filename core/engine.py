@@ -258,7 +258,7 @@ class Engine:
                 logits = job.step(self.model, chunk=self.config.prefill_chunk_tokens, device=self._device)
                 if logits is not None:
                     self._chunking = None
-                    self._join([job.row], job.cache, job.mask(), job.plan, logits)
+                    self._join([job.row], job.cache, job.mask(device=self._device), job.plan, logits)
         except Exception:
             log.exception("chunked prefill failed")
             self._chunking = None

@@ -23,7 +23,9 @@ from service.runtime import Runtime
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
-class AdapterServicer(apb_grpc.AdapterServiceServicer):
+class _Servicer:
+    """The runtime both services call, and what the errors.unary/streaming wrappers read (errors.Servicer)."""
+
     def __init__(
         self, runtime: Runtime, *, observer: RequestObserver | None = None, tokens: BearerTokens | None = None
     ) -> None:
@@ -32,6 +34,8 @@ class AdapterServicer(apb_grpc.AdapterServiceServicer):
         self.observer = observer
         self.tokens = tokens
 
+
+class AdapterServicer(_Servicer, apb_grpc.AdapterServiceServicer):
     @errors.unary
     async def LoadAdapter(
         self, request: apb.LoadAdapterRequest, context: Context, call: CallLog
@@ -69,15 +73,7 @@ class AdapterServicer(apb_grpc.AdapterServiceServicer):
         return convert.list_response(request, infos, default)
 
 
-class GenerationServicer(gpb_grpc.GenerationServiceServicer):
-    def __init__(
-        self, runtime: Runtime, *, observer: RequestObserver | None = None, tokens: BearerTokens | None = None
-    ) -> None:
-        self._runtime = runtime
-        self.limits = runtime.limits
-        self.observer = observer
-        self.tokens = tokens
-
+class GenerationServicer(_Servicer, gpb_grpc.GenerationServiceServicer):
     @errors.streaming
     async def Generate(
         self, request: gpb.GenerateRequest, context: Context, call: CallLog
