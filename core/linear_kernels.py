@@ -6,6 +6,12 @@ the same product 1.4-3.4x faster on this project's AMD machine (MKL takes a gene
 whole decode step 1.5-1.7x faster (BENCHMARKS.md). Results agree with MKL's to fp32 rounding: both accumulate
 in fp32, in a different order.
 
+Each ``OneDnnLinear`` keeps its weight reordered once into oneDNN's blocked layout (``_reorder_linear_weight``):
+a plain weight is reordered on every call, which at decode shapes costs as much as the product itself (a model's
+linears stream 38 GB/s packed against 21 GB/s plain here). The packed copy costs one more copy of the linear
+weights' memory; it is rebuilt when the weight changes (another tensor, or an in-place write), and it is never
+pickled, deep-copied or saved.
+
 ``use_linear_kernel(model, ONEDNN)`` turns each plain ``nn.Linear`` into a ``OneDnnLinear``: the same object,
 parameters and state_dict, only its class changes, so nothing that holds or indexes the module is disturbed.
 A ``OneDnnLinear`` is exactly ``nn.Linear`` whenever autograd is on (training through ``is_trainable``), or the
@@ -28,11 +34,19 @@ TORCH: Final = "torch"
 LINEAR_KERNELS: Final = (ONEDNN, TORCH)
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN picks the packed layout for about this many rows; 8 and 64 measured the same at every batch size
+_PACK_ROWS_HINT: Final = 32
+_PACKED: Final = "_onednn_packed"  # the __dict__ key of (weight key, packed weight)
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    # (..., in) @ (out, in).T + (out,) -> (..., out); "none": no fused post-op
+    # (..., in) @ (out, in).T + (out,) -> (..., out); weight plain or packed; "none": no fused post-op
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _pack(weight: Tensor) -> Tensor:
+    """weight (out, in) reordered into oneDNN's blocked layout: an opaque tensor only oneDNN ops can read."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
 
 
 class OneDnnLinear(nn.Linear):
@@ -48,8 +62,28 @@ class OneDnnLinear(nn.Linear):
             and input.numel() > 0
             and not torch.is_grad_enabled()
         ):
-            return _onednn_linear(input, weight, self.bias)
+            return _onednn_linear(input, self._packed_weight(weight), self.bias)
         return F.linear(input, weight, self.bias)
+
+    def prepack(self) -> None:
+        """Pack now (at startup) rather than in the first request's forward, when the weight is one oneDNN runs."""
+        weight = self.weight
+        if weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES:
+            with torch.no_grad():
+                self._packed_weight(weight)
+
+    def _packed_weight(self, weight: Tensor) -> Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype)  # _version: bumped by every in-place write
+        cached = self.__dict__.get(_PACKED)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[_PACKED] = (key, _pack(weight))
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the packed weight behind (opaque tensors can be neither), rebuilt on use
+        state = dict(self.__dict__)
+        state.pop(_PACKED, None)
+        return state
 
 
 def onednn_works() -> bool:
@@ -60,10 +94,11 @@ def onednn_works() -> bool:
     x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 8), (5, 8), (5,)))
     try:
         with torch.no_grad():
-            got = _onednn_linear(x, w, b)
+            got = [_onednn_linear(x, weight, b) for weight in (w, _pack(w))]
     except Exception:  # any failure of a private op means: do not use it
         return False
-    return got.shape == (3, 5) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    want = F.linear(x, w, b)
+    return all(g.shape == (3, 5) and torch.allclose(g, want, rtol=1e-5, atol=1e-5) for g in got)
 
 
 def use_linear_kernel(model: nn.Module, kernel: str) -> str:
@@ -78,4 +113,7 @@ def use_linear_kernel(model: nn.Module, kernel: str) -> str:
     for module in model.modules():
         if type(module) is source:
             module.__class__ = target
+            module.__dict__.pop(_PACKED, None)  # a kernel change frees the packed copies
+            if isinstance(module, OneDnnLinear):
+                module.prepack()
     return kernel

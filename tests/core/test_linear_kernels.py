@@ -95,3 +95,64 @@ def test_without_onednn_the_model_keeps_torch_gemm(monkeypatch, caplog) -> None:
     assert use_linear_kernel(model, ONEDNN) == TORCH
     assert type(model[0]) is nn.Linear
     assert "oneDNN linear is not available" in caplog.text
+
+
+def _packed(layer: nn.Module) -> torch.Tensor | None:
+    cached = layer.__dict__.get("_onednn_packed")
+    return None if cached is None else cached[1]
+
+
+def test_weights_are_packed_once_at_switch_and_reused() -> None:
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8))
+    use_linear_kernel(model, ONEDNN)
+    packed = [_packed(m) for m in model]
+    assert all(p is not None and p.is_mkldnn for p in packed)
+    with torch.no_grad():
+        model(torch.randn(3, 16))
+    assert [_packed(m) for m in model] == packed  # the same objects: not re-packed per call
+
+
+def test_a_changed_weight_is_repacked() -> None:
+    layer = nn.Linear(16, 24)
+    reference = copy.deepcopy(layer)
+    use_linear_kernel(layer, ONEDNN)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2)  # in place: the same storage, a new version
+        reference.weight.mul_(2)
+        assert torch.allclose(layer(x), reference(x), atol=1e-5, rtol=1e-5)
+        layer.weight = nn.Parameter(torch.randn(24, 16))  # another tensor
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_copies_and_pickles_leave_the_packed_weight_behind() -> None:
+    import io
+
+    layer = nn.Linear(16, 24)
+    use_linear_kernel(layer, ONEDNN)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        replica = copy.deepcopy(layer)  # opaque oneDNN tensors can be neither deep-copied nor pickled
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert _packed(replica) is None and _packed(loaded) is None
+        assert torch.allclose(replica(x), expected) and torch.allclose(loaded(x), expected)
+    assert _packed(layer) is not None
+
+
+def test_switching_back_to_torch_frees_the_packed_weights() -> None:
+    layer = nn.Linear(16, 24)
+    use_linear_kernel(layer, ONEDNN)
+    assert _packed(layer) is not None
+    use_linear_kernel(layer, TORCH)
+    assert _packed(layer) is None
+
+
+def test_weights_on_other_dtypes_are_not_packed() -> None:
+    layer = nn.Linear(16, 24).double()
+    use_linear_kernel(layer, ONEDNN)
+    assert type(layer) is OneDnnLinear and _packed(layer) is None
