@@ -61,7 +61,7 @@ def stream_rates() -> dict[str, float]:
 
     def lora(i: int) -> object:
         a, b = stacks[i]
-        return torch.baddbmm(out, torch.bmm(x3, a), b)
+        return out.baddbmm_(torch.bmm(x3, a), b)  # as core/routing.py: in place into the base output
 
     with torch.no_grad():
         return {

@@ -199,7 +199,12 @@ class GatheredLinear(Route):
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)
         if x.dim() == 3 and out.dim() == 3 and x.dtype is out.dtype is self.At.dtype and self.bias is None:
-            return torch.baddbmm(out, torch.bmm(x, self.At), self.Bt)  # the hot path: (N, T, out), no reshapes
+            h = torch.bmm(x, self.At)  # the hot path: (N, T, r_max), no reshapes
+            if out.requires_grad:
+                return torch.baddbmm(out, h, self.Bt)
+            # in place into the base output (a fresh tensor): not allocating another (N, T, out) made the
+            # expand of 56 modules at 8 decode rows 0.35 ms instead of 0.46 ms
+            return out.baddbmm_(h, self.Bt)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (N, T, in)
         h = torch.bmm(x3, self.At)  # (N, T, r_max)
         if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
