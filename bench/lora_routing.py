@@ -20,21 +20,26 @@ import torch
 import torch.nn.functional as F
 
 from core.lora_weights import LinearLora
-from core.routing import GatheredLinear, UniformLinear
+from core.routing import GatheredLinear
 
 Step = Callable[[], torch.Tensor]
 
 
 def grouped_loop(x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]) -> Step:
     """PEFT's _mixed_batch_forward: per distinct adapter, gather its rows, two matmuls, scatter-add."""
-    groups = [
-        (torch.tensor([i for i, s in enumerate(row_slot) if s == u]), UniformLinear(lo)) for u, lo in enumerate(loras)
+    groups = [  # PEFT's layouts: lora_A.weight (r, in), lora_B.weight (out, r), contiguous
+        (
+            torch.tensor([i for i, s in enumerate(row_slot) if s == u]),
+            lo.A.contiguous(),
+            (lo.B * lo.scaling).contiguous(),
+        )
+        for u, lo in enumerate(loras)
     ]
 
     def step() -> torch.Tensor:
         out = base(x)
-        for rows, lo in groups:
-            delta = F.linear(F.linear(x.index_select(0, rows), lo.A), lo.B)
+        for rows, a, b in groups:
+            delta = F.linear(F.linear(x.index_select(0, rows), a), b)
             out = out.index_add(0, rows, delta)
         return out
 
@@ -67,7 +72,10 @@ def time_step(step: Step, *, repeats: int) -> float:
 def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int, repeats: int) -> dict:
     torch.manual_seed(0)
     base = torch.nn.Linear(d_in, d_out, bias=False)
-    loras = [LinearLora(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0) for _ in range(adapters)]
+    loras = [
+        LinearLora.from_peft(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0)
+        for _ in range(adapters)
+    ]
     row_slot = [i % adapters for i in range(rows)]
     row_loras = [loras[s] for s in row_slot]
     x = torch.randn(rows, tokens, d_in)

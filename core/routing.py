@@ -108,16 +108,16 @@ def _add_delta(out: Tensor, delta: Tensor) -> Tensor:
 
 class UniformLinear(Route):
     def __init__(self, lora: LinearLora) -> None:
-        self.A = lora.A  # (r, in)
-        self.B = lora.B * lora.scaling  # (out, r), scaling folded in
+        self.At = lora.At  # (in, r)
+        self.Bt = lora.Bt * lora.scaling  # (r, out), scaling folded in
         self.bias = lora.bias * lora.scaling if lora.bias is not None else None
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (..., out)
-        h = F.linear(x.to(self.A.dtype), self.A)  # (..., r)
-        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ B.T
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.B.T).view(out.shape)
-        return _add_delta(out, F.linear(h, self.B, self.bias))
+        h = torch.matmul(x.to(self.At.dtype), self.At)  # (..., r)
+        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.Bt).view(out.shape)
+        return _add_delta(out, F.linear(h, self.Bt.T, self.bias))
 
 
 class GatheredLinear(Route):
@@ -129,14 +129,14 @@ class GatheredLinear(Route):
 
     def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
         present = [lo for lo in row_loras if lo is not None]
-        self.r_max = max(lo.A.shape[0] for lo in present)
-        self.dtype = _common_dtype([lo.A for lo in present])
+        self.r_max = max(lo.rank for lo in present)
+        self.dtype = _common_dtype([lo.At for lo in present])
         self.has_bias = any(lo.bias is not None for lo in present)
         self.n = 0
         ref = present[0]
         self._zero = LinearLora(
-            ref.A.new_zeros(self.r_max, ref.A.shape[1], dtype=self.dtype),
-            ref.B.new_zeros(ref.B.shape[0], self.r_max, dtype=self.dtype),
+            ref.At.new_zeros(ref.At.shape[0], self.r_max, dtype=self.dtype),
+            ref.Bt.new_zeros(self.r_max, ref.Bt.shape[1], dtype=self.dtype),
             None,
             0.0,
         )
@@ -146,21 +146,22 @@ class GatheredLinear(Route):
     def can_append(self, row_loras: Sequence[LinearLora | None]) -> bool:
         present = [lo for lo in row_loras if lo is not None]
         return all(
-            lo.A.shape[0] <= self.r_max and lo.A.dtype == self.dtype and (lo.bias is None or self.has_bias)
-            for lo in present
+            lo.rank <= self.r_max and lo.At.dtype == self.dtype and (lo.bias is None or self.has_bias) for lo in present
         )
 
     def append(self, row_loras: Sequence[LinearLora | None]) -> None:
         """Rows join at the end (callers check can_append first)."""
         rows = [_padded(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
         k = len(rows)
-        scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.A.device)  # (k,)
-        # Laid out (k, in, r) and (k, r, out): contiguous operands measured faster in bmm than views.
-        at = torch.stack([lo.A for lo in rows]).transpose(1, 2)  # (k, in, r_max)
-        bt = (torch.stack([lo.B for lo in rows]) * scaling[:, None, None]).transpose(1, 2)  # (k, r_max, out)
+        scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.At.device)  # (k,)
+        # (k, in, r) and (k, r, out), LinearLora's own layout: plain copies, and contiguous bmm operands
+        # (measured faster than transposed views)
+        at = torch.stack([lo.At for lo in rows])  # (k, in, r_max)
+        bt = torch.stack([lo.Bt for lo in rows]).mul_(scaling[:, None, None])  # (k, r_max, out)
         bias = None
         if self.has_bias:
-            biases = [lo.bias if lo.bias is not None else self._zero.B.new_zeros(self._zero.B.shape[0]) for lo in rows]
+            no_bias = self._zero.Bt.new_zeros(self._zero.Bt.shape[1])
+            biases = [lo.bias if lo.bias is not None else no_bias for lo in rows]
             bias = (torch.stack(biases).to(self.dtype) * scaling[:, None]).unsqueeze(1)  # (k, 1, out)
         self._reserve(self.n + k, like=(at, bt, bias))
         assert self._bufs is not None
@@ -295,11 +296,11 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _padded(lora: LinearLora, r_max: int, dtype: torch.dtype) -> LinearLora:
     """Zero-pad the rank to r_max (zero rows of A / columns of B add exactly nothing)."""
-    pad = r_max - lora.A.shape[0]
-    if pad == 0 and lora.A.dtype == dtype:
+    pad = r_max - lora.rank
+    if pad == 0 and lora.At.dtype == dtype:
         return lora
     return LinearLora(
-        F.pad(lora.A.to(dtype), (0, 0, 0, pad)), F.pad(lora.B.to(dtype), (0, pad)), lora.bias, lora.scaling
+        F.pad(lora.At.to(dtype), (0, pad)), F.pad(lora.Bt.to(dtype), (0, 0, 0, pad)), lora.bias, lora.scaling
     )
 
 
