@@ -47,7 +47,8 @@ def _rate(step: Callable[[int], object], bytes_per_call: int, calls: int) -> flo
 
 
 def stream_rates() -> dict[str, float]:
-    """GB/s: "sum" (DRAM ceiling), "gemm" (oneDNN linear, 8 rows x 512->1376) and "lora" (per-row A/B bmm)."""
+    """GB/s: "sum" (DRAM ceiling), "gemm" (oneDNN linear, 8 rows x 512->1376), and "lora8" / "lora64" (per-row
+    A/B bmm at 8 and 64 rows: larger stacks stream faster, so each case is bounded at its own batch size)."""
     big = torch.randn(WORKING_SET // 4)
     layers = [OneDnnLinear(512, 1376, bias=False) for _ in range(WORKING_SET // (1376 * 512 * 4))]
     x = torch.randn(ROWS, 512)
@@ -55,20 +56,26 @@ def stream_rates() -> dict[str, float]:
     def gemm(i: int) -> object:
         return layers[i](x)
 
-    per_stack = ROWS * RANK * (512 + 1376) * 4
-    stacks = [(torch.randn(ROWS, 512, RANK), torch.randn(ROWS, RANK, 1376)) for _ in range(WORKING_SET // per_stack)]
-    x3, out = torch.randn(ROWS, 1, 512), torch.randn(ROWS, 1, 1376)
+    with torch.no_grad():
+        rates = {
+            "sum": _rate(lambda _: big.sum(), big.numel() * 4, 1),
+            "gemm": _rate(gemm, 1376 * 512 * 4, len(layers)),
+        }
+        for rows in (8, 64):
+            rates[f"lora{rows}"] = _lora_rate(rows)
+    return rates
+
+
+def _lora_rate(rows: int) -> float:
+    per_stack = rows * RANK * (512 + 1376) * 4
+    stacks = [(torch.randn(rows, 512, RANK), torch.randn(rows, RANK, 1376)) for _ in range(WORKING_SET // per_stack)]
+    x3, out = torch.randn(rows, 1, 512), torch.randn(rows, 1, 1376)
 
     def lora(i: int) -> object:
         a, b = stacks[i]
         return out.baddbmm_(torch.bmm(x3, a), b)  # as core/routing.py: in place into the base output
 
-    with torch.no_grad():
-        return {
-            "sum": _rate(lambda _: big.sum(), big.numel() * 4, 1),
-            "gemm": _rate(gemm, 1376 * 512 * 4, len(layers)),
-            "lora": _rate(lora, per_stack, len(stacks)),
-        }
+    return _rate(lora, per_stack, len(stacks))
 
 
 def ratio_bound(tokens_per_s_without: float, adapter_bytes_per_token: float, gb_per_s: float) -> float:

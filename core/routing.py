@@ -116,7 +116,11 @@ class UniformLinear(Route):
         out = base_layer(x, *args, **kwargs)  # (..., out)
         h = torch.matmul(x.to(self.At.dtype), self.At)  # (..., r)
         if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.Bt).view(out.shape)
+            out2, h2 = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+            if out.requires_grad or not out.is_contiguous():
+                return torch.addmm(out2, h2, self.Bt).view(out.shape)
+            out2.addmm_(h2, self.Bt)  # in place into the fresh base output, as GatheredLinear
+            return out
         return _add_delta(out, F.linear(h, self.Bt.T, self.bias))
 
 

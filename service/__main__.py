@@ -118,7 +118,10 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         "--linear-kernel",
         choices=LINEAR_KERNELS,
         default=kernel,
-        help=f"GEMM for the model's linear layers on CPU; torch: MKL, as transformers and PEFT (default {kernel})",
+        help=(
+            "GEMM for the model's linear layers on CPU; onednn keeps a packed copy of each linear weight "
+            f"(one more copy of their memory); torch: MKL, as transformers and PEFT (default {kernel})"
+        ),
     )
 
 
