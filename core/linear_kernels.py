@@ -9,8 +9,9 @@ in fp32, in a different order.
 Each ``OneDnnLinear`` keeps its weight reordered once into oneDNN's blocked layout (``_reorder_linear_weight``):
 a plain weight is reordered on every call, which at decode shapes costs as much as the product itself (a model's
 linears stream 38 GB/s packed against 21 GB/s plain here). The packed copy costs one more copy of the linear
-weights' memory; it is rebuilt when the weight changes (another tensor, or an in-place write), and it is never
-pickled, deep-copied or saved.
+weights' memory; it is rebuilt when the weight changes (another tensor, or an in-place write such as
+``load_state_dict`` or ``copy_`` under ``no_grad``), and it is never pickled, deep-copied or saved. A write
+through ``weight.data`` bypasses the version counter and is not seen: it would leave the packed copy stale.
 
 ``use_linear_kernel(model, ONEDNN)`` turns each plain ``nn.Linear`` into a ``OneDnnLinear``: the same object,
 parameters and state_dict, only its class changes, so nothing that holds or indexes the module is disturbed.
