@@ -156,3 +156,17 @@ def test_weights_on_other_dtypes_are_not_packed() -> None:
     layer = nn.Linear(16, 24).double()
     use_linear_kernel(layer, ONEDNN)
     assert type(layer) is OneDnnLinear and _packed(layer) is None
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64, 300])
+def test_bf16_packed_forward_matches_linear(rows: int) -> None:
+    """bf16 weights are packed too; any row count runs on the one packed weight."""
+    layer = nn.Linear(64, 96).to(torch.bfloat16)
+    reference = copy.deepcopy(layer)
+    use_linear_kernel(layer, ONEDNN)
+    assert _packed(layer) is not None
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, want = layer(x), reference(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
