@@ -10,7 +10,8 @@ every case measured (BENCHMARKS.md), so two routes remain:
 - ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
 - ``GatheredLinear``: per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
   compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
-  baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
+  baddbmm per step, or in decode steps the plan's ``decode_kernel`` (core/lora_kernels.py: one pass over
+  each row's A and B). Rows without the module's LoRA get zero weights, adding exactly 0.
 """
 
 from __future__ import annotations
