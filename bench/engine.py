@@ -27,8 +27,6 @@ from bench.common import bpe_tokenizer, clone_adapters, llama_512, make_adapters
 from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig
 from core.linear_kernels import ONEDNN, TORCH
-from core.lora_kernels import NATIVE
-from core.lora_kernels import TORCH as TORCH_LORA
 from core.requests import AdapterSelection, GenerationRequest, TokenDelta
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
@@ -98,17 +96,14 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
     return run
 
 
-def engine_with(
-    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: str = ONEDNN, lora_kernel: str = NATIVE
-) -> tuple[Engine, list[str]]:
+def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int, kernel: str = ONEDNN) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
     names = []
     for i, path in enumerate(paths):
         manager.load_adapter(str(path), f"a{i}")
         names.append(f"a{i}")
-    config = EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel, lora_kernel=lora_kernel)
-    return Engine(model, tokenizer, manager, config), names
+    return Engine(model, tokenizer, manager, EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel)), names
 
 
 T = TypeVar("T")
@@ -127,13 +122,7 @@ def in_fresh_thread(fn: Callable[[], T]) -> T:
 
 
 def engine_case(
-    base,
-    tokenizer,
-    paths: list[Path],
-    pick: Callable[[list[str]], list],
-    *,
-    kernel: str = ONEDNN,
-    lora_kernel: str = NATIVE,
+    base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list], *, kernel: str = ONEDNN
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
 
@@ -145,9 +134,7 @@ def engine_case(
 
     def run(latencies: dict | None = None) -> float:
         # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
-        engine, names = in_fresh_thread(
-            lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel, lora_kernel=lora_kernel)
-        )
+        engine, names = in_fresh_thread(lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel))
         try:
             run_engine(engine, pick(names))  # warm-up, untimed
             return run_engine(engine, pick(names), latencies=latencies)
@@ -194,9 +181,6 @@ def main() -> None:
         tput = measure(
             {
                 "engine 8 distinct adapters": engine_case(base, tok, s["paths"], lambda names: names),
-                "engine 8 distinct adapters, torch LoRA (bmm)": engine_case(
-                    base, tok, s["paths"], lambda names: names, lora_kernel=TORCH_LORA
-                ),
                 "engine no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS),
                 "engine no adapters, torch GEMM (MKL)": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=TORCH
@@ -224,7 +208,7 @@ def main() -> None:
 def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str, list[float]]) -> None:
     print(f"== throughput, generated tokens/s (median of {ROUNDS} interleaved rounds)")
     for name, value in {**tput, **tput64}.items():
-        print(f"{name:46} {value:8.1f}")
+        print(f"{name:40} {value:8.1f}")
     ours, bare = tput["engine 8 distinct adapters"], tput["engine no adapters"]
     ratios = [
         ("8 distinct adapters vs engine without adapters", ours / bare, 0.85),

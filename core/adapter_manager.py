@@ -30,7 +30,7 @@ from core.eviction import choose_victim
 from core.lora_layers import unwrapped_copy, wrap_modules
 from core.lora_spec import LoraSpec
 from core.lora_weights import LoadOptions, read_adapter_weights, read_state_dict
-from core.routing import DecodeKernel, RoutingPlan, build_plan, use_plan
+from core.routing import RoutingPlan, build_plan, use_plan
 from core.slots import SlotTable
 from core.targeting import resolve_modules_to_save, resolve_targets
 
@@ -300,12 +300,11 @@ class AdapterManager:
         with self._lock:
             return self.acquire(self._default)
 
-    def plan(self, rows: Sequence[LoadedAdapter | None], *, decode_kernel: DecodeKernel | None = None) -> RoutingPlan:
-        """A routing plan for a batch whose row i uses rows[i]. Reuse it for every forward of that batch.
-        decode_kernel: a fused kernel for its decode steps (core/lora_kernels.py), else torch ops."""
+    def plan(self, rows: Sequence[LoadedAdapter | None]) -> RoutingPlan:
+        """A routing plan for a batch whose row i uses rows[i]. Reuse it for every forward of that batch."""
         needs_grad = torch.is_grad_enabled() and any(a is not None and a.trainable for a in rows)
         with torch.set_grad_enabled(needs_grad):
-            return build_plan([a.weights if a is not None else None for a in rows], decode_kernel=decode_kernel)
+            return build_plan([a.weights if a is not None else None for a in rows])
 
     @contextmanager
     def routing(self, rows: Sequence[str | LoadedAdapter | None]) -> Iterator[RoutingPlan]:

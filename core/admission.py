@@ -13,7 +13,6 @@ from core.adapter import LoadedAdapter
 from core.adapter_manager import AdapterManager
 from core.errors import CapacityExceededError, InvalidArgumentError
 from core.linear_kernels import LINEAR_KERNELS, ONEDNN
-from core.lora_kernels import LORA_KERNELS, NATIVE
 from core.requests import AdapterSelection, EventChannel, FinishReason, GenerationRequest
 from core.sampling import RowSampler
 from core.text_stream import TextStream
@@ -36,9 +35,6 @@ class EngineConfig:
     # GEMM for the model's nn.Linear layers on CPU: "onednn" (faster at serving shapes) or "torch" (MKL's sgemm,
     # what transformers and PEFT use). See core/linear_kernels.py.
     linear_kernel: str = ONEDNN
-    # Per-row adapters in decode steps on CPU: "native" (core/lora_decode.c, compiled at engine start; torch
-    # ops if that cannot be done here) or "torch" (bmm). See core/lora_kernels.py.
-    lora_kernel: str = NATIVE
 
     def __post_init__(self) -> None:
         limits = [f.name for f in fields(self) if f.type == "int"]  # every int field is a limit or a size
@@ -47,8 +43,6 @@ class EngineConfig:
             raise ValueError(f"engine limits must be >= 1: {', '.join(small)}")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)} (got {self.linear_kernel!r})")
-        if self.lora_kernel not in LORA_KERNELS:
-            raise ValueError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)} (got {self.lora_kernel!r})")
 
 
 @dataclass

@@ -36,7 +36,6 @@ from core.errors import (
 )
 from core.kv_cache import GrowableCache
 from core.linear_kernels import use_linear_kernel
-from core.lora_kernels import NATIVE, TORCH, NativeLoraDecode, load_lora_kernel
 from core.lora_weights import AdapterWeights
 from core.requests import (
     EventChannel,
@@ -102,8 +101,6 @@ class Engine:
         self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
-        self.lora_kernel = config.lora_kernel  # likewise
-        self._decode_kernel: NativeLoraDecode | None = None
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="loramux-engine", daemon=True)
         self._thread.start()
@@ -169,8 +166,6 @@ class Engine:
     def _run(self, ready: threading.Event) -> None:
         try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
             self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
-            self._decode_kernel = load_lora_kernel(self.config.lora_kernel)
-            self.lora_kernel = NATIVE if self._decode_kernel is not None else TORCH
         finally:
             ready.set()
         stop = False
@@ -205,7 +200,7 @@ class Engine:
                 if self._chunking is not None:  # one long prompt at a time; this one is next
                     self._deferred.appendleft(row)
                     break
-                self._chunking = ChunkedPrefill(row, plan=self._plan_for([row]))
+                self._chunking = ChunkedPrefill(row, plan=self.manager.plan([row.adapter]))
             elif new and not _fits_prefill(new, row, self.config.max_prefill_tokens):
                 self._deferred.appendleft(row)  # first in line at the next step
                 break
@@ -238,7 +233,7 @@ class Engine:
 
     def _prefill(self, new: list[Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
-        cache, plan = GrowableCache(), self._plan_for(new)
+        cache, plan = GrowableCache(), self.manager.plan([r.adapter for r in new])
         with use_plan(plan):
             out = self.model(
                 input_ids=ids,
@@ -285,7 +280,7 @@ class Engine:
         assert self._cache is not None and self._mask is not None
         rows = self._rows
         if self._plan is None:
-            self._plan = self._plan_for(rows)
+            self._plan = self.manager.plan([r.adapter for r in rows])
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
         positions = kv_batch.next_positions(self._mask)  # (N, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
@@ -301,9 +296,6 @@ class Engine:
         if self._on_step is not None:
             self._on_step(len(rows))
         self._emit(rows, out.logits[:, -1, :])
-
-    def _plan_for(self, rows: Sequence[Row]) -> RoutingPlan:
-        return self.manager.plan([r.adapter for r in rows], decode_kernel=self._decode_kernel)
 
     def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
         """Sample one token per row (N, V) -> events; marks rows that finished."""

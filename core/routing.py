@@ -10,8 +10,7 @@ every case measured (BENCHMARKS.md), so two routes remain:
 - ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
 - ``GatheredLinear``: per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
   compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
-  baddbmm per step, or in decode steps the plan's ``decode_kernel`` (core/lora_kernels.py: one pass over
-  each row's A and B). Rows without the module's LoRA get zero weights, adding exactly 0.
+  baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,25 +39,17 @@ class Route:
         ``rows`` rows. Routes without per-row state need nothing."""
 
 
-class DecodeKernel(Protocol):
-    """A fused kernel for the gathered decode hot path (core/lora_kernels.py): out += (x @ At) @ Bt per row, in
-    place. Returns False, having done nothing, for inputs it does not handle."""
-
-    def apply(self, out: Tensor, x: Tensor, At: Tensor, Bt: Tensor) -> bool: ...
-
-
 @dataclass(frozen=True)
 class RoutingPlan:
     rows: int
     routes: Mapping[str, Route]
-    decode_kernel: DecodeKernel | None = None  # used by its gathered routes; extended plans keep it
 
     def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> RoutingPlan:
         """The plan after rows left the batch (see ``swap_remove``): only the moved rows are copied, where a
         rebuild would copy every row's stacks (115 ms at 64 distinct adapters). Updates the routes in place."""
         for route in self.routes.values():
             route.compact(moves, rows)
-        return RoutingPlan(rows=rows, routes=self.routes, decode_kernel=self.decode_kernel)
+        return RoutingPlan(rows=rows, routes=self.routes)
 
 
 def extend_plan(
@@ -69,7 +59,8 @@ def extend_plan(
     routes append the new rows' slices in place; any other change (a uniform route turning mixed, a larger
     rank, embeddings, modules_to_save) rebuilds that module's route."""
     combined = [*rows, *new]
-    return build_plan(combined, reuse=plan.routes, new_rows=new, decode_kernel=plan.decode_kernel)
+    rebuilt = build_plan(combined, reuse=plan.routes, new_rows=new)
+    return RoutingPlan(rows=len(combined), routes=rebuilt.routes)
 
 
 def swap_remove(n: int, removed: set[int]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -140,9 +131,8 @@ class GatheredLinear(Route):
     leave by moving the last rows into their places: neither copies the other rows.
     """
 
-    def __init__(self, row_loras: Sequence[LinearLora | None], *, decode_kernel: DecodeKernel | None = None) -> None:
+    def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
         present = [lo for lo in row_loras if lo is not None]
-        self.decode_kernel = decode_kernel
         self.r_max = max(lo.rank for lo in present)
         self.dtype = _common_dtype([lo.At for lo in present])
         self.has_bias = any(lo.bias is not None for lo in present)
@@ -214,8 +204,6 @@ class GatheredLinear(Route):
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)
         if x.dim() == 3 and out.dim() == 3 and x.dtype is out.dtype is self.At.dtype and self.bias is None:
-            if self.decode_kernel is not None and self.decode_kernel.apply(out, x, self.At, self.Bt):
-                return out  # a decode step: the fused kernel added every row's LoRA in place
             h = torch.bmm(x, self.At)  # the hot path: (N, T, r_max), no reshapes
             if out.requires_grad:
                 return torch.baddbmm(out, h, self.Bt)
@@ -328,12 +316,12 @@ def _common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
-def linear_route(row_loras: Sequence[LinearLora | None], *, decode_kernel: DecodeKernel | None = None) -> Route:
+def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
     """Uniform when one adapter covers every row, else gather-bmm (fastest in bench/lora_routing.py)."""
     first = row_loras[0]
     if first is not None and all(lo is first for lo in row_loras):
         return UniformLinear(first)
-    return GatheredLinear(row_loras, decode_kernel=decode_kernel)
+    return GatheredLinear(row_loras)
 
 
 def build_plan(
@@ -341,7 +329,6 @@ def build_plan(
     *,
     reuse: Mapping[str, Route] | None = None,
     new_rows: Sequence[AdapterWeights | None] = (),
-    decode_kernel: DecodeKernel | None = None,
 ) -> RoutingPlan:
     """One route per module that at least one row's adapter touches. rows[i] is row i's adapter (None: base).
 
@@ -356,12 +343,10 @@ def build_plan(
             old.append(added)
             routes[name] = old
             continue
-        routes[name] = linear_route(
-            [a.linear.get(name) if a is not None else None for a in rows], decode_kernel=decode_kernel
-        )
+        routes[name] = linear_route([a.linear.get(name) if a is not None else None for a in rows])
     for name in dict.fromkeys(n for a in adapters for n in a.embedding):
         routes[name] = RoutedEmbedding([a.embedding.get(name) if a is not None else None for a in rows])
     for name in dict.fromkeys(n for a in adapters for n in a.saved_modules):
         saved = [a.saved_modules.get(name) if a is not None else None for a in rows]
         routes[name] = SavedModules(saved, fallback=routes.get(name))
-    return RoutingPlan(rows=len(rows), routes=routes, decode_kernel=decode_kernel)
+    return RoutingPlan(rows=len(rows), routes=routes)

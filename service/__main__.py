@@ -16,7 +16,6 @@ from core.adapter_manager import validate_adapter_name
 from core.engine import EngineConfig
 from core.errors import InvalidArgumentError
 from core.linear_kernels import LINEAR_KERNELS
-from core.lora_kernels import LORA_KERNELS
 from core.model_loader import DTYPES, ModelSpec
 from service.auth import BearerTokens, load_tokens
 from service.config import (
@@ -124,15 +123,6 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
             f"(one more copy of their memory); torch: MKL, as transformers and PEFT (default {kernel})"
         ),
     )
-    g.add_argument(
-        "--lora-kernel",
-        choices=LORA_KERNELS,
-        default=_ENGINE.lora_kernel,
-        help=(
-            "per-row adapters in CPU decode steps; native: a fused C kernel compiled at start with cc "
-            f"(torch ops, logged, where it cannot be built); torch: bmm (default {_ENGINE.lora_kernel})"
-        ),
-    )
 
 
 def _network_flags(g: argparse._ArgumentGroup) -> None:
@@ -202,11 +192,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         cache_dir=args.hub_cache_dir,
         token=token,
     )
-    engine = EngineConfig(
-        **{name: getattr(args, name) for name, _ in _ENGINE_FLAGS},
-        linear_kernel=args.linear_kernel,
-        lora_kernel=args.lora_kernel,
-    )
+    engine = EngineConfig(**{name: getattr(args, name) for name, _ in _ENGINE_FLAGS}, linear_kernel=args.linear_kernel)
     network = NetworkConfig(
         host=args.host,
         port=args.port,

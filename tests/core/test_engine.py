@@ -47,10 +47,9 @@ def engine(base_model, tokenizer, adapter_dirs):
     eng.close()
 
 
-@pytest.fixture(params=[("onednn", "native"), ("onednn", "torch"), ("torch", "torch")], ids="-".join)
+@pytest.fixture(params=["onednn", "torch"])
 def engine_each_kernel(request, base_model, tokenizer, adapter_dirs):
-    linear, lora = request.param
-    eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=linear, lora_kernel=lora)
+    eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=request.param)
     yield eng
     eng.close()
 
@@ -360,20 +359,6 @@ def test_linear_kernel_is_chosen_by_config(base_model, tokenizer, adapter_dirs):
         engine.close()
     with pytest.raises(ValueError, match="linear_kernel must be one of onednn, torch"):
         make_engine(base_model, tokenizer, {}, linear_kernel="mkl")
-
-
-def test_lora_kernel_is_chosen_by_config(base_model, tokenizer, adapter_dirs):
-    """native where a C compiler builds it (torch ops otherwise); the engine reports the one in use."""
-    import shutil
-
-    from core.lora_kernels import NATIVE, TORCH
-
-    for asked, expected in ((TORCH, TORCH), (NATIVE, NATIVE if shutil.which("cc") else TORCH)):
-        engine = make_engine(base_model, tokenizer, adapter_dirs, lora_kernel=asked)
-        try:
-            assert engine.lora_kernel == expected
-        finally:
-            engine.close()
     with pytest.raises(ValueError, match="engine limits must be >= 1: max_queued=0, prefill_chunk_tokens=-1"):
         EngineConfig(max_queued=0, prefill_chunk_tokens=-1)
 
