@@ -36,6 +36,12 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, *, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        # A fast tokenizer that cleans up no spaces decodes with exactly its Rust backend's decode; calling
+        # that directly skips transformers' per-call Python, three quarters of the cost of the two decodes
+        # every row makes every step (64 streams: about 1 ms a step).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self._backend = backend if backend is not None and cleans_up is False else None
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start: one emitted chunk of context before read_offset
         self._read_offset = 0  # ids before this are emitted as text
@@ -55,6 +61,8 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _advance(self, *, final: bool) -> str:

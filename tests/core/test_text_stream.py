@@ -95,6 +95,44 @@ def test_special_tokens_follow_skip_special_tokens(
     assert (EOS in "".join(deltas)) is not skip_special_tokens
 
 
+class _DecodeOnly:
+    """Just ``decode``: the detokenizer's general path."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.calls = 0
+        self._tokenizer = tokenizer
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        self.calls += 1
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_fast_tokenizers_stream_what_their_decode_streams(
+    tokenizer: PreTrainedTokenizerFast, skip_special_tokens: bool
+) -> None:
+    """A fast tokenizer decodes through its Rust backend directly: deltas equal those of its decode()."""
+    assert tokenizer.clean_up_tokenization_spaces is False
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    rng = random.Random(7)
+    for _ in range(20):
+        ids = [rng.choice([*range(len(tokenizer) - 1), eos]) for _ in range(rng.randint(1, 40))]
+        general = _DecodeOnly(tokenizer)
+        expected = _stream(general, ids, skip_special_tokens=skip_special_tokens)  # type: ignore[arg-type]
+        assert general.calls > 0
+        assert _stream(tokenizer, ids, skip_special_tokens=skip_special_tokens) == expected
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_decode(tokenizer: PreTrainedTokenizerFast) -> None:
+    class CleansUp(_DecodeOnly):
+        clean_up_tokenization_spaces = True
+        backend_tokenizer = tokenizer.backend_tokenizer  # present, but its decode would skip the clean-up
+
+    wrapped = CleansUp(tokenizer)
+    _stream(wrapped, _ids(tokenizer, "hello , world"))  # type: ignore[arg-type]
+    assert wrapped.calls > 0
+
+
 def test_incomplete_character_is_held_until_complete(tokenizer: PreTrainedTokenizerFast) -> None:
     ids = _ids(tokenizer, "a🦀")
     detok = IncrementalDetokenizer(tokenizer)
