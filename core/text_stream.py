@@ -37,8 +37,8 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         # A fast tokenizer that cleans up no spaces decodes with exactly its Rust backend's decode; calling
-        # that directly skips transformers' per-call Python, three quarters of the cost of the two decodes
-        # every row makes every step (64 streams: about 1 ms a step).
+        # that directly skips transformers' per-call Python, most of the cost of the two decodes every row
+        # makes every step (64 streams, profiled: the engine's per-step emit 2.06 -> 1.49 ms).
         backend = getattr(tokenizer, "backend_tokenizer", None)
         cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", True)
         self._backend = backend if backend is not None and cleans_up is False else None
