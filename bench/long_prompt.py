@@ -24,7 +24,7 @@ from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig
 from core.requests import AdapterSelection, GenerationRequest, TokenDelta
 
-ROWS, LONG, CHUNK, ROUNDS = 8, 1536, 256, 5
+ROWS, LONG, LONG_NEW, CHUNK, ROUNDS = 8, 1536, 64, 256, 5
 
 
 def one_round(model, tokenizer, chunk: int) -> tuple[float, float]:
@@ -60,6 +60,45 @@ def one_round(model, tokenizer, chunk: int) -> tuple[float, float]:
     return max(window), ttft
 
 
+def decode_round(model, tokenizer, *, ragged: bool) -> tuple[float, float]:
+    """Median inter-token gap of the 8 short streams (before the long prompt arrives, and while the long
+    request decodes LONG_NEW tokens beside them), in seconds."""
+    config = EngineConfig(
+        max_batch_rows=16, prefill_chunk_tokens=CHUNK, max_prompt_tokens=LONG, ragged_attention=ragged
+    )
+    engine = in_fresh_thread(lambda: Engine(model, tokenizer, AdapterManager(model), config))
+    generator = torch.Generator().manual_seed(6)
+    short = torch.randint(1, 8192, (ROWS, 32), generator=generator).tolist()
+    stamps: list[list[float]] = [[] for _ in range(ROWS)]
+    started = threading.Barrier(ROWS + 1)
+
+    def consume(i: int) -> None:
+        request = GenerationRequest(prompt=short[i], adapter=AdapterSelection.BASE, max_new_tokens=300, ignore_eos=True)
+        for n, event in enumerate(engine.submit(request)):
+            if isinstance(event, TokenDelta):
+                stamps[i].append(time.perf_counter())
+            if n == 8:
+                started.wait()
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(ROWS)]
+    for t in threads:
+        t.start()
+    started.wait()  # every stream has decoded a few tokens
+    arrived = time.perf_counter()
+    long_prompt = torch.randint(1, 8192, (LONG,), generator=generator).tolist()
+    request = GenerationRequest(
+        prompt=long_prompt, adapter=AdapterSelection.BASE, max_new_tokens=LONG_NEW, ignore_eos=True
+    )
+    long_stamps = [time.perf_counter() for e in engine.submit(request) if isinstance(e, TokenDelta)]
+    for channel_thread in threads:
+        channel_thread.join()
+    engine.close()
+    gaps = [(a, b - a) for s in stamps for a, b in itertools.pairwise(s)]
+    before = statistics.median(g for a, g in gaps if a < arrived)
+    during = statistics.median(g for a, g in gaps if long_stamps[0] <= a and a + g <= long_stamps[-1])
+    return before, during
+
+
 def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer = in_fresh_thread(lambda: (llama_512(), bpe_tokenizer(8192)))
@@ -76,6 +115,18 @@ def main() -> None:
         print(f"{label:30} longest stall of a running stream {stall * 1e3:7.1f} ms   TTFT {ttft * 1e3:7.1f} ms")
     ratio = statistics.median(v[0] for v in samples["one-shot"]) / statistics.median(v[0] for v in samples["chunked"])
     print(f"stall, one-shot vs chunked: {ratio:.1f}x")
+    steady = {"padded (one SDPA call over all columns)": False, "ragged (runs of similar rows)": True}
+    gaps: dict[str, list[tuple[float, float]]] = {k: [] for k in steady}
+    for _ in range(ROUNDS):
+        for name, ragged in steady.items():
+            gaps[name].append(in_fresh_thread(lambda ragged=ragged: decode_round(model, tokenizer, ragged=ragged)))
+    print(f"== then the long request decodes {LONG_NEW} tokens beside them: inter-token gap of the {ROWS} streams")
+    for name, values in gaps.items():
+        before = statistics.median(v[0] for v in values)
+        during = statistics.median(v[1] for v in values)
+        print(f"{name:40} before {before * 1e3:6.1f} ms   during {during * 1e3:6.1f} ms")
+    padded, ragged_gap = (statistics.median(v[1] for v in gaps[k]) for k in steady)
+    print(f"gap while the long request decodes, padded vs ragged: {padded / ragged_gap:.1f}x")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class EngineConfig:
     # GEMM for the model's nn.Linear layers on CPU: "onednn" (faster at serving shapes) or "torch" (MKL's sgemm,
     # what transformers and PEFT use). See core/linear_kernels.py.
     linear_kernel: str = ONEDNN
+    # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
+    # (core/ragged_attention.py); False keeps one SDPA call over the whole padded width.
+    ragged_attention: bool = True
 
     def __post_init__(self) -> None:
         limits = [f.name for f in fields(self) if f.type == "int"]  # every int field is a limit or a size

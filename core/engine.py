@@ -37,6 +37,7 @@ from core.errors import (
 from core.kv_cache import GrowableCache
 from core.linear_kernels import use_linear_kernel
 from core.lora_weights import AdapterWeights
+from core.ragged_attention import SEGMENTS_KWARG, decode_segments, lengths_of, use_ragged_attention
 from core.requests import (
     EventChannel,
     Finished,
@@ -99,6 +100,7 @@ class Engine:
         self._mask: Tensor | None = None
         self._plan: RoutingPlan | None = None
         self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
+        self._ragged = False  # decode attention skips rows' left padding (core/ragged_attention.py)
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
         ready = threading.Event()
@@ -166,6 +168,7 @@ class Engine:
     def _run(self, ready: threading.Event) -> None:
         try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
             self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
+            self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
         finally:
             ready.set()
         stop = False
@@ -284,6 +287,7 @@ class Engine:
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
         positions = kv_batch.next_positions(self._mask)  # (N, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        segments = decode_segments(lengths_of(self._mask), self._mask.shape[1]) if self._ragged else None
         with use_plan(self._plan):
             out = self.model(
                 input_ids=ids,
@@ -291,6 +295,7 @@ class Engine:
                 position_ids=positions,
                 past_key_values=self._cache,
                 use_cache=True,
+                **({SEGMENTS_KWARG: segments} if segments is not None else {}),
             )
         self.steps += 1
         if self._on_step is not None:

@@ -115,6 +115,12 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         g.add_argument(flag, type=_positive_int, default=default, help=f"{help_text} (default {default})")
     kernel = _ENGINE.linear_kernel
     g.add_argument(
+        "--no-ragged-attention",
+        dest="ragged_attention",
+        action="store_false",
+        help="decode steps attend over the whole left-padded cache, not each row's own columns",
+    )
+    g.add_argument(
         "--linear-kernel",
         choices=LINEAR_KERNELS,
         default=kernel,
@@ -192,7 +198,11 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         cache_dir=args.hub_cache_dir,
         token=token,
     )
-    engine = EngineConfig(**{name: getattr(args, name) for name, _ in _ENGINE_FLAGS}, linear_kernel=args.linear_kernel)
+    engine = EngineConfig(
+        **{name: getattr(args, name) for name, _ in _ENGINE_FLAGS},
+        linear_kernel=args.linear_kernel,
+        ragged_attention=args.ragged_attention,
+    )
     network = NetworkConfig(
         host=args.host,
         port=args.port,

@@ -71,6 +71,16 @@ def adapter_dirs(base_model: LlamaForCausalLM, tmp_path_factory: pytest.TempPath
     return dirs
 
 
+@pytest.fixture(scope="module")
+def peft_model(base_model: LlamaForCausalLM, adapter_dirs: dict[str, Path]):
+    """The oracle: PEFT with both adapters loaded ("math" and "poet"), for greedy-parity checks."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dirs["math"]), adapter_name="math")
+    model.load_adapter(str(adapter_dirs["poet"]), "poet")
+    return model.eval()
+
+
 def collect(events: Iterable[GenerationEvent]) -> tuple[list[int], str, Finished]:
     """An engine request's stream, gathered: (token ids, text, the Finished event)."""
     ids: list[int] = []

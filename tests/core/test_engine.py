@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from core.adapter_manager import AdapterManager
 from core.engine import Engine, EngineConfig, RequestCancelledError, ShuttingDownError
@@ -21,15 +19,6 @@ from core.sampling import SamplingParams
 from tests.generation_fixtures import VOCAB, collect
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def peft_model(base_model: LlamaForCausalLM, adapter_dirs: dict[str, Path]):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dirs["math"]), adapter_name="math")
-    model.load_adapter(str(adapter_dirs["poet"]), "poet")
-    return model.eval()
 
 
 def make_engine(base_model, tokenizer, adapter_dirs, **config) -> Engine:
