@@ -89,9 +89,13 @@ def _ragged_sdpa(
 
 
 def use_ragged_attention(model: nn.Module) -> bool:
-    """Switch a model whose attention is SDPA to the ragged decode attention; False (unchanged) otherwise."""
+    """Switch a model whose attention is SDPA to the ragged decode attention (True also when an earlier engine
+    on the same model did); False, and the model unchanged, otherwise."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if current != "sdpa":
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

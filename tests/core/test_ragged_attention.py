@@ -128,3 +128,9 @@ def test_engine_switches_its_model_unless_configured_not_to(base_model, tokenize
             assert engine.model.config._attn_implementation == expected
         finally:
             engine.close()
+
+
+def test_a_model_already_switched_stays_ragged_for_the_next_engine() -> None:
+    model = build_base("llama")
+    assert use_ragged_attention(model) and use_ragged_attention(model)
+    assert model.config._attn_implementation == "loramux_ragged"
