@@ -6,7 +6,8 @@ adapter each uses (a per-row routing plan, extended when rows join and compacted
 step's events go to the requests' channels together (``deliver``).
 
 Requests are validated before they are queued (core/admission.py). On its thread the engine first switches
-the model's linear layers to the configured GEMM (core/linear_kernels.py); its KV cache grows in place
+the model's linear layers to the configured GEMM (core/linear_kernels.py) and, for a model on SDPA, its
+decode attention to runs of similar-length rows (core/ragged_attention.py); its KV cache grows in place
 (core/kv_cache.py).
 """
 
