@@ -27,73 +27,70 @@ from core.requests import AdapterSelection, GenerationRequest, TokenDelta
 ROWS, LONG, LONG_NEW, CHUNK, ROUNDS = 8, 1536, 64, 256, 5
 
 
+class ShortStreams:
+    """ROWS short requests decoding on ``engine``, each token's arrival time recorded (one thread per stream)."""
+
+    def __init__(self, engine: Engine, generator: torch.Generator, *, new_tokens: int, started_after: int) -> None:
+        prompts = torch.randint(1, 8192, (ROWS, 32), generator=generator).tolist()
+        self.stamps: list[list[float]] = [[] for _ in range(ROWS)]
+        started = threading.Barrier(ROWS + 1)
+
+        def consume(i: int) -> None:
+            request = GenerationRequest(
+                prompt=prompts[i], adapter=AdapterSelection.BASE, max_new_tokens=new_tokens, ignore_eos=True
+            )
+            for n, event in enumerate(engine.submit(request)):
+                if isinstance(event, TokenDelta):
+                    self.stamps[i].append(time.perf_counter())
+                if n == started_after:
+                    started.wait()
+
+        self._threads = [threading.Thread(target=consume, args=(i,)) for i in range(ROWS)]
+        for t in self._threads:
+            t.start()
+        started.wait()  # every stream is decoding
+
+    def gaps(self) -> list[tuple[float, float]]:
+        """(start, length) of every gap between two tokens of a stream, once all streams have finished."""
+        for t in self._threads:
+            t.join()
+        return [(a, b - a) for s in self.stamps for a, b in itertools.pairwise(s)]
+
+
+def _engine(model, tokenizer, **config: object) -> Engine:
+    engine_config = EngineConfig(max_batch_rows=16, max_prompt_tokens=LONG, **config)  # type: ignore[arg-type]
+    return in_fresh_thread(lambda: Engine(model, tokenizer, AdapterManager(model), engine_config))
+
+
 def one_round(model, tokenizer, chunk: int) -> tuple[float, float]:
     """(longest stall of the running streams, the long request's time to first token), in seconds."""
-    config = EngineConfig(max_batch_rows=16, prefill_chunk_tokens=chunk, max_prompt_tokens=LONG)
-    engine = in_fresh_thread(lambda: Engine(model, tokenizer, AdapterManager(model), config))
+    engine = _engine(model, tokenizer, prefill_chunk_tokens=chunk)
     generator = torch.Generator().manual_seed(5)
-    short = torch.randint(1, 8192, (ROWS, 32), generator=generator).tolist()
-    stamps: list[list[float]] = [[] for _ in range(ROWS)]
-    started = threading.Barrier(ROWS + 1)
-
-    def consume(i: int) -> None:
-        request = GenerationRequest(prompt=short[i], adapter=AdapterSelection.BASE, max_new_tokens=400, ignore_eos=True)
-        for n, event in enumerate(engine.submit(request)):
-            if isinstance(event, TokenDelta):
-                stamps[i].append(time.perf_counter())
-            if n == 0:
-                started.wait()
-
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(ROWS)]
-    for t in threads:
-        t.start()
-    started.wait()  # every stream is decoding
+    streams = ShortStreams(engine, generator, new_tokens=400, started_after=0)
     long_prompt = torch.randint(1, 8192, (LONG,), generator=generator).tolist()
     sent = time.perf_counter()
     request = GenerationRequest(prompt=long_prompt, adapter=AdapterSelection.BASE, max_new_tokens=2, ignore_eos=True)
     next(e for e in engine.submit(request) if isinstance(e, TokenDelta))
     ttft = time.perf_counter() - sent
-    for channel_thread in threads:
-        channel_thread.join()
+    gaps = streams.gaps()
     engine.close()
-    window = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > sent and a < sent + ttft]
-    return max(window), ttft
+    return max(g for a, g in gaps if a + g > sent and a < sent + ttft), ttft
 
 
 def decode_round(model, tokenizer, *, ragged: bool) -> tuple[float, float]:
-    """Median inter-token gap of the 8 short streams (before the long prompt arrives, and while the long
-    request decodes LONG_NEW tokens beside them), in seconds."""
-    config = EngineConfig(
-        max_batch_rows=16, prefill_chunk_tokens=CHUNK, max_prompt_tokens=LONG, ragged_attention=ragged
-    )
-    engine = in_fresh_thread(lambda: Engine(model, tokenizer, AdapterManager(model), config))
+    """Median inter-token gap of the short streams before the long prompt arrives, and while the long
+    request decodes LONG_NEW tokens beside them, in seconds."""
+    engine = _engine(model, tokenizer, prefill_chunk_tokens=CHUNK, ragged_attention=ragged)
     generator = torch.Generator().manual_seed(6)
-    short = torch.randint(1, 8192, (ROWS, 32), generator=generator).tolist()
-    stamps: list[list[float]] = [[] for _ in range(ROWS)]
-    started = threading.Barrier(ROWS + 1)
-
-    def consume(i: int) -> None:
-        request = GenerationRequest(prompt=short[i], adapter=AdapterSelection.BASE, max_new_tokens=300, ignore_eos=True)
-        for n, event in enumerate(engine.submit(request)):
-            if isinstance(event, TokenDelta):
-                stamps[i].append(time.perf_counter())
-            if n == 8:
-                started.wait()
-
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(ROWS)]
-    for t in threads:
-        t.start()
-    started.wait()  # every stream has decoded a few tokens
+    streams = ShortStreams(engine, generator, new_tokens=300, started_after=8)
     arrived = time.perf_counter()
     long_prompt = torch.randint(1, 8192, (LONG,), generator=generator).tolist()
     request = GenerationRequest(
         prompt=long_prompt, adapter=AdapterSelection.BASE, max_new_tokens=LONG_NEW, ignore_eos=True
     )
     long_stamps = [time.perf_counter() for e in engine.submit(request) if isinstance(e, TokenDelta)]
-    for channel_thread in threads:
-        channel_thread.join()
+    gaps = streams.gaps()
     engine.close()
-    gaps = [(a, b - a) for s in stamps for a, b in itertools.pairwise(s)]
     before = statistics.median(g for a, g in gaps if a < arrived)
     during = statistics.median(g for a, g in gaps if long_stamps[0] <= a and a + g <= long_stamps[-1])
     return before, during
