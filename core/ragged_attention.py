@@ -104,10 +104,34 @@ def use_ragged_attention(model: nn.Module) -> bool:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks SDPA gets
     try:
         model.set_attn_implementation(NAME)  # type: ignore[operator]
-    except (ValueError, TypeError, AttributeError) as exc:  # a model class that refuses custom attention
-        log.info("ragged decode attention not used for %s: %s", type(model).__name__, exc)
+        problem = _probe(model)
+    except Exception as exc:  # a model class that refuses custom attention, or one the probe breaks
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        log.info("ragged decode attention not used for %s: %s", type(model).__name__, problem)
+        model.set_attn_implementation("sdpa")  # type: ignore[operator]
         return False
     return True
+
+
+def _probe(model: nn.Module) -> str:
+    """'' when one padded decode step with runs gives the logits of one without (the keyword reaches the
+    attention, or is dropped harmlessly, in this architecture), else what went wrong."""
+    device = next(model.parameters()).device
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=device)  # (2, 4): row 0 left-padded
+    ids = torch.ones(2, 4, dtype=torch.long, device=device)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long, device=device)], dim=1)
+    step = {"input_ids": ids[:, :1], "attention_mask": step_mask, "position_ids": step_mask.sum(1, keepdim=True) - 1}
+    logits = []
+    with torch.no_grad():
+        for extra in ({}, {SEGMENTS_KWARG: [(0, 1, 3), (1, 2, 5)]}):
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+            out = model(**step, past_key_values=cache, use_cache=True, **extra)
+            logits.append(out.logits[:, -1].float())
+    if not torch.allclose(logits[0], logits[1], rtol=1e-3, atol=1e-3):
+        return "a decode step with runs differs from one without"
+    return ""
 
 
 def lengths_of(mask: Tensor) -> list[int]:

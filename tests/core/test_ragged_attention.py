@@ -52,15 +52,15 @@ def test_runs_cover_every_row_once_and_are_wide_enough() -> None:
             assert first < stop and width == max(lengths[first:stop])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("long_row", [3, 1])
 def test_decode_step_equals_sdpa_over_the_padding(arch: str, long_row: int) -> None:
-    """Left-padded rows of 5 tokens and one of 120: one decode step, runs vs one SDPA call over all columns."""
+    """Left-padded rows of 5 tokens and one of 50: one decode step, runs vs one SDPA call over all columns."""
     model = build_base(arch)
     ragged = copy.deepcopy(model)
     assert use_ragged_attention(ragged)
     lengths = [5, 5, 5, 5]
-    lengths[long_row] = 120
+    lengths[long_row] = 50  # within the gpt2 test model's 64 positions
     width = max(lengths)
     generator = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 100, (4, width), generator=generator)
@@ -134,3 +134,14 @@ def test_a_model_already_switched_stays_ragged_for_the_next_engine() -> None:
     model = build_base("llama")
     assert use_ragged_attention(model) and use_ragged_attention(model)
     assert model.config._attn_implementation == "loramux_ragged"
+
+
+def test_a_model_the_probe_rejects_stays_on_sdpa(monkeypatch, caplog) -> None:
+    import core.ragged_attention as ragged_attention
+
+    monkeypatch.setattr(ragged_attention, "_probe", lambda model: "a decode step with runs differs")
+    model = build_base("llama")
+    with caplog.at_level("INFO", logger="core.ragged_attention"):
+        assert not use_ragged_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert "ragged decode attention not used" in caplog.text
