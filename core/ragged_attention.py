@@ -129,8 +129,11 @@ def _probe(model: nn.Module) -> str:
             cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
             out = model(**step, past_key_values=cache, use_cache=True, **extra)
             logits.append(out.logits[:, -1].float())
-    if not torch.allclose(logits[0], logits[1], rtol=1e-3, atol=1e-3):
-        return "a decode step with runs differs from one without"
+    # the two differ only in how the softmax sums are blocked: fp32 rounding, or half-precision rounding
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    difference = (logits[0] - logits[1]).abs().max().item()
+    if not difference <= tolerance * max(1.0, logits[0].abs().max().item()):  # also False for NaN
+        return f"a decode step with runs differs from one without by {difference:.3g}"
     return ""
 
 

@@ -145,3 +145,9 @@ def test_a_model_the_probe_rejects_stays_on_sdpa(monkeypatch, caplog) -> None:
         assert not use_ragged_attention(model)
     assert model.config._attn_implementation == "sdpa"
     assert "ragged decode attention not used" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_pass_the_probe(dtype: torch.dtype) -> None:
+    model = build_base("llama").to(dtype)
+    assert use_ragged_attention(model) and model.config._attn_implementation == "loramux_ragged"
