@@ -9,7 +9,9 @@ in fp32, in a different order.
 Each ``OneDnnLinear`` keeps its weight reordered once into oneDNN's blocked layout (``_reorder_linear_weight``):
 a plain weight is reordered on every call, which at decode shapes costs as much as the product itself (a model's
 linears stream 38 GB/s packed against 21 GB/s plain here). The packed copy costs one more copy of the linear
-weights' memory; it is rebuilt when the weight changes (another tensor, or an in-place write such as
+weights' memory (so it is skipped, logged, when the copies would take more than half the memory this
+machine has available: a large model keeps oneDNN on its plain weights rather than running out); it is
+rebuilt when the weight changes (another tensor, or an in-place write such as
 ``load_state_dict`` or ``copy_`` under ``no_grad``), and it is never pickled, deep-copied or saved. A write
 through ``weight.data`` bypasses the version counter and is not seen: it would leave the packed copy stale.
 
@@ -22,6 +24,7 @@ input is not a CPU fp32/bf16 tensor of at least two dimensions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Final
 
 import torch
@@ -53,6 +56,8 @@ def _pack(weight: Tensor) -> Tensor:
 class OneDnnLinear(nn.Linear):
     """nn.Linear whose inference forward on CPU runs oneDNN's GEMM (see the module docstring)."""
 
+    packs = True  # keep a packed copy of the weight; set False on an instance to run on the plain weight
+
     def forward(self, input: Tensor) -> Tensor:
         weight = self.weight
         if (
@@ -63,7 +68,7 @@ class OneDnnLinear(nn.Linear):
             and input.numel() > 0
             and not torch.is_grad_enabled()
         ):
-            return _onednn_linear(input, self._packed_weight(weight), self.bias)
+            return _onednn_linear(input, self._packed_weight(weight) if self.packs else weight, self.bias)
         return F.linear(input, weight, self.bias)
 
     def prepack(self) -> None:
@@ -111,10 +116,42 @@ def use_linear_kernel(model: nn.Module, kernel: str) -> str:
         log.warning("oneDNN linear is not available in this torch build; using torch's default GEMM")
         kernel = TORCH
     source, target = (nn.Linear, OneDnnLinear) if kernel == ONEDNN else (OneDnnLinear, nn.Linear)
-    for module in model.modules():
-        if type(module) is source:
-            module.__class__ = target
-            module.__dict__.pop(_PACKED, None)  # a kernel change frees the packed copies
-            if isinstance(module, OneDnnLinear):
+    switched = [m for m in model.modules() if type(m) is source]
+    packs = kernel == ONEDNN and _packed_copies_fit(switched)
+    for module in switched:
+        module.__class__ = target
+        module.__dict__.pop(_PACKED, None)  # a kernel change frees the packed copies
+        module.__dict__.pop("packs", None)
+        if isinstance(module, OneDnnLinear):
+            module.packs = packs
+            if packs:
                 module.prepack()
     return kernel
+
+
+def _packed_copies_fit(modules: Sequence[nn.Module]) -> bool:
+    """Whether packed copies of these modules' CPU weights take at most half the memory available now."""
+    weights = [m.weight for m in modules if isinstance(m.weight, Tensor) and m.weight.device.type == "cpu"]
+    needed = sum(w.numel() * w.element_size() for w in {id(w): w for w in weights}.values())
+    available = available_memory_bytes()
+    if available is None or needed <= available // 2:
+        return True
+    log.warning(
+        "not packing linear weights for oneDNN: %.1f GB of copies against %.1f GB of available memory; "
+        "oneDNN runs on the plain weights",
+        needed / 1e9,
+        available / 1e9,
+    )
+    return False
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the value is in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -170,3 +170,22 @@ def test_bf16_packed_forward_matches_linear(rows: int) -> None:
         got, want = layer(x), reference(x)
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_weights_too_large_for_the_memory_available_run_unpacked(monkeypatch, caplog) -> None:
+    import core.linear_kernels as kernels
+
+    layer = nn.Linear(64, 96)
+    reference = copy.deepcopy(layer)
+    monkeypatch.setattr(kernels, "available_memory_bytes", lambda: 2 * 64 * 96 * 4 - 1)  # copies need half + 1
+    assert use_linear_kernel(layer, ONEDNN) == ONEDNN
+    assert type(layer) is OneDnnLinear and not layer.packs and _packed(layer) is None
+    assert "not packing linear weights for oneDNN" in caplog.text
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert _packed(layer) is None  # never packed lazily either
+    monkeypatch.setattr(kernels, "available_memory_bytes", lambda: 2 * 64 * 96 * 4)
+    use_linear_kernel(layer, TORCH)
+    use_linear_kernel(layer, ONEDNN)  # enough now: packed
+    assert layer.packs and _packed(layer) is not None
