@@ -38,7 +38,7 @@ from core.errors import (
 from core.kv_cache import GrowableCache
 from core.linear_kernels import use_linear_kernel
 from core.lora_weights import AdapterWeights
-from core.ragged_attention import SEGMENTS_KWARG, decode_segments, lengths_of, use_ragged_attention
+from core.ragged_attention import SEGMENTS_KWARG, decode_segments, use_ragged_attention
 from core.requests import (
     EventChannel,
     Finished,
@@ -288,7 +288,8 @@ class Engine:
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
         positions = kv_batch.next_positions(self._mask)  # (N, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        segments = decode_segments(lengths_of(self._mask), self._mask.shape[1]) if self._ragged else None
+        # each row's real tokens, the one fed now included: its position + 1 (no second pass over the mask)
+        segments = decode_segments((positions[:, 0] + 1).tolist(), self._mask.shape[1]) if self._ragged else None
         with use_plan(self._plan):
             out = self.model(
                 input_ids=ids,

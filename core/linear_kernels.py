@@ -131,8 +131,9 @@ def use_linear_kernel(model: nn.Module, kernel: str) -> str:
 
 def _packed_copies_fit(modules: Sequence[nn.Module]) -> bool:
     """Whether packed copies of these modules' CPU weights take at most half the memory available now."""
+    # one packed copy per module, even where modules share a weight
     weights = [m.weight for m in modules if isinstance(m.weight, Tensor) and m.weight.device.type == "cpu"]
-    needed = sum(w.numel() * w.element_size() for w in {id(w): w for w in weights}.values())
+    needed = sum(w.numel() * w.element_size() for w in weights)
     available = available_memory_bytes()
     if available is None or needed <= available // 2:
         return True

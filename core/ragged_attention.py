@@ -25,6 +25,8 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
+from core.kv_batch import next_positions, prefill_positions
+
 log = logging.getLogger(__name__)
 
 NAME: Final = "loramux_ragged"
@@ -121,12 +123,12 @@ def _probe(model: nn.Module) -> str:
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=device)  # (2, 4): row 0 left-padded
     ids = torch.ones(2, 4, dtype=torch.long, device=device)
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long, device=device)], dim=1)
-    step = {"input_ids": ids[:, :1], "attention_mask": step_mask, "position_ids": step_mask.sum(1, keepdim=True) - 1}
+    step = {"input_ids": ids[:, :1], "attention_mask": step_mask, "position_ids": next_positions(mask)}
+    prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": prefill_positions(mask)}
     logits = []
     with torch.no_grad():
         for extra in ({}, {SEGMENTS_KWARG: [(0, 1, 3), (1, 2, 5)]}):
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+            cache = model(**prefill, use_cache=True).past_key_values
             out = model(**step, past_key_values=cache, use_cache=True, **extra)
             logits.append(out.logits[:, -1].float())
     # the two differ only in how the softmax sums are blocked: fp32 rounding, or half-precision rounding
@@ -135,8 +137,3 @@ def _probe(model: nn.Module) -> str:
     if not difference <= tolerance * max(1.0, logits[0].abs().max().item()):  # also False for NaN
         return f"a decode step with runs differs from one without by {difference:.3g}"
     return ""
-
-
-def lengths_of(mask: Tensor) -> list[int]:
-    """Real tokens per row of a left-padded (N, S) mask: they are the last columns of each row."""
-    return mask.sum(dim=1).tolist()
