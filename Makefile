@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 
 .PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine bench-long-prompt proto proto-lint proto-check run clean
 .PHONY: node-deps
@@ -13,11 +12,14 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 venv: $(STAMP)
 
 # torch==2.13.0 is installed first, on its own: it is the CPU build on this machine's disk, and
-# installing it before anything that depends on torch keeps pip from reaching for a CUDA build.
-$(STAMP): pyproject.toml
+# installing it before anything that depends on torch keeps pip from reaching for a CUDA build. Then the two
+# distributions, editable, each under the one `loramux` import namespace: the client (clients/, no torch),
+# which the server distribution depends on, then the server with its dev extras.
+$(STAMP): pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ./clients
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -39,10 +41,16 @@ node-deps:
 	  npm ci --prefix $(NODE_DIR) --ignore-scripts --no-audit --no-fund && touch $(NODE_STAMP); \
 	fi
 
+# mypy names a module after its path, and the folders are not named like the packages (core/ is loramux.core):
+# it checks build/lint/loramux, a tree of links onto the folders under their import names.
+LINT_TREE := build/lint/loramux
+LINT_LINKS := core:core service:service demo:demo client:clients/loramux/client v1:clients/loramux/v1
 lint: $(STAMP)
-	$(PY) -m ruff check core service clients/client.py clients/__main__.py demo tests bench
-	$(PY) -m ruff format --check core service clients/client.py clients/__main__.py demo tests bench
-	$(PY) -m mypy
+	$(PY) -m ruff check core service clients/loramux/client demo tests bench
+	$(PY) -m ruff format --check core service clients/loramux/client demo tests bench
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)
+	for link in $(LINT_LINKS); do ln -s $(CURDIR)/$${link#*:} $(LINT_TREE)/$${link%%:*}; done
+	cd build/lint && ../../$(PY) -m mypy --config-file ../../pyproject.toml loramux
 
 bench: bench-adapters bench-routing bench-engine bench-long-prompt
 
@@ -61,7 +69,7 @@ bench-routing: $(STAMP)
 # The gRPC server: `make run` serves the embedded demo model; flags go in ARGS, for example
 # make run ARGS="--model ./my-model --adapter math=./adapters/math --port 50051".
 run: $(STAMP)
-	$(PY) -m service $(ARGS)
+	$(PY) -m loramux.service $(ARGS)
 
 # gRPC contract: protos/loramux/v1/*.proto -> clients/loramux/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py.
 # The stubs are committed and never edited by hand: change the .proto, run `make proto`, commit both.
@@ -92,11 +100,11 @@ proto-check: proto-lint
 # adapters (upper, rot13, reverse), trained on the CPU in minutes, no network. Rebuild it with exactly this;
 # on a busy machine ARGS="--threads 1" avoids thread oversubscription (the manifest records what was used).
 demo-assets: $(STAMP)
-	$(PY) -m demo.train $(ARGS)
+	$(PY) -m loramux.demo.train $(ARGS)
 
 # One prompt streamed through the base model and every adapter at once, in one batch (core Engine, no gRPC).
 demo: $(STAMP)
-	$(PY) -m demo.show $(ARGS)
+	$(PY) -m loramux.demo.show $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from bench.common import N_ADAPTERS, llama_512, make_adapters, median_time
-from core.adapter_manager import AdapterManager
+from loramux.core import AdapterManager
 
 
 def bench_load(base: LlamaForCausalLM, paths: list[Path]) -> tuple[float, float]:
@@ -73,7 +73,7 @@ def bench_forward(base: LlamaForCausalLM, paths: list[Path]) -> dict[str, float]
     plan = manager.plan(held)
     plan_build = median_time(lambda: manager.plan(held), repeats=5)
 
-    from core.routing import use_plan
+    from loramux.core.lora.routing import use_plan
 
     def prefill(model: torch.nn.Module, **kw: object) -> Callable[[], object]:
         return lambda: model(prompt, use_cache=False, **kw)

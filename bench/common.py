@@ -93,6 +93,6 @@ def stdlib_text(max_bytes: int = 4_000_000) -> list[str]:
 
 def bpe_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     """The demo's byte-level BPE recipe (demo/tokenizer.py), trained here on stdlib text (no downloads)."""
-    from demo.tokenizer import train_tokenizer
+    from loramux.demo.tokenizer import train_tokenizer
 
     return train_tokenizer(stdlib_text(), vocab_size=vocab_size)

@@ -24,10 +24,8 @@ import torch
 
 from bench import roofline
 from bench.common import bpe_tokenizer, clone_adapters, llama_512, make_adapters
-from core.adapter_manager import AdapterManager
-from core.engine import Engine, EngineConfig
-from core.linear_kernels import ONEDNN, TORCH
-from core.requests import AdapterSelection, GenerationRequest, TokenDelta
+from loramux.core import AdapterManager, AdapterSelection, Engine, EngineConfig, GenerationRequest, TokenDelta
+from loramux.core.model.linear_kernels import LinearKernel
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
 
@@ -96,7 +94,9 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
     return run
 
 
-def engine_with(base, tokenizer, paths: list[Path], *, max_rows: int, kernel: str = ONEDNN) -> tuple[Engine, list[str]]:
+def engine_with(
+    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: LinearKernel = LinearKernel.ONEDNN
+) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
     names = []
@@ -122,7 +122,7 @@ def in_fresh_thread(fn: Callable[[], T]) -> T:
 
 
 def engine_case(
-    base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list], *, kernel: str = ONEDNN
+    base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list], *, kernel: LinearKernel = LinearKernel.ONEDNN
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
 
@@ -183,7 +183,7 @@ def main() -> None:
                 "engine 8 distinct adapters": engine_case(base, tok, s["paths"], lambda names: names),
                 "engine no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS),
                 "engine no adapters, torch GEMM (MKL)": engine_case(
-                    base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=TORCH
+                    base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.TORCH
                 ),
                 "transformers generate": hf_generate(base),
                 "peft mixed-batch generate": hf_generate(s["peft"], adapter_names=s["names"]),

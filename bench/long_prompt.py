@@ -20,9 +20,7 @@ import torch
 
 from bench.common import bpe_tokenizer, llama_512
 from bench.engine import in_fresh_thread
-from core.adapter_manager import AdapterManager
-from core.engine import Engine, EngineConfig
-from core.requests import AdapterSelection, GenerationRequest, TokenDelta
+from loramux.core import AdapterManager, AdapterSelection, Engine, EngineConfig, GenerationRequest, TokenDelta
 
 ROWS, LONG, LONG_NEW, CHUNK, ROUNDS = 8, 1536, 64, 256, 5
 

@@ -7,7 +7,7 @@ Compares, for a batch whose rows use different adapters, the time of one wrapped
 - grouped: one matmul pair per distinct adapter over its rows (PEFT's mixed-batch loop);
 - gathered: per-row A/B stacks gathered once per batch composition, one bmm pair per step (gather-bmm);
 - wide: all distinct adapters' A concatenated, one wide matmul, rows masked to their own block, then B.
-The loser strategies live here only, as the measured alternatives to what core/routing.py keeps.
+The loser strategies live here only, as the measured alternatives to what loramux.core.lora.routing keeps.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from core.lora_weights import LinearLora
-from core.routing import GatheredLinear
+from loramux.core.lora.routing import GatheredLinear
+from loramux.core.lora.weights import LinearLora
 
 Step = Callable[[], torch.Tensor]
 

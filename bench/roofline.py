@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from core.linear_kernels import OneDnnLinear
+from loramux.core.model.linear_kernels import OneDnnLinear
 
 WORKING_SET = 256 * 2**20  # bytes cycled through per measurement: 8x the L3 cache
 ROWS, RANK = 8, 16
@@ -73,7 +73,7 @@ def _lora_rate(rows: int) -> float:
 
     def lora(i: int) -> object:
         a, b = stacks[i]
-        return out.baddbmm_(torch.bmm(x3, a), b)  # as core/routing.py: in place into the base output
+        return out.baddbmm_(torch.bmm(x3, a), b)  # as loramux.core.lora.routing: in place into the base output
 
     return _rate(lora, per_stack, len(stacks))
 

@@ -56,6 +56,18 @@ class AdapterSourceNotFoundError(LoramuxError):
     reason = "ADAPTER_SOURCE_NOT_FOUND"
 
 
+class AdapterSourceUnavailableError(LoramuxError):
+    """The source exists in principle but cannot be reached now (Hub outage, network error)."""
+
+    reason = "ADAPTER_SOURCE_UNAVAILABLE"
+
+
+class AdapterSourceForbiddenError(LoramuxError):
+    """The configuration refuses this source (a folder outside the allowed roots, the Hub turned off)."""
+
+    reason = "ADAPTER_SOURCE_FORBIDDEN"
+
+
 class UnsupportedAdapterError(LoramuxError):
     """adapter_config.json asks for features loramux does not implement (listed in ``problems``)."""
 

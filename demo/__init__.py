@@ -1,7 +1,7 @@
 """The embedded default: a small Llama trained on Python's docstrings, and LoRA adapters with visible effects.
 
-``make demo-assets`` (python -m demo.train) rebuilds everything under demo/assets/; ``make demo``
-(python -m demo.show) streams one prompt through the base model and every adapter in one batch.
+``make demo-assets`` (python -m loramux.demo.train) rebuilds everything under demo/assets/; ``make demo``
+(python -m loramux.demo.show) streams one prompt through the base model and every adapter in one batch.
 """
 
 from pathlib import Path

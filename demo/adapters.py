@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from core.adapter import LoadedAdapter
-from core.adapter_export import export_adapter, lora_config, write_initial_adapter
-from core.adapter_manager import AdapterManager
-from demo.corpus import TRANSFORMS
+from loramux.core import AdapterManager
+from loramux.core.adapters.adapter import LoadedAdapter
+from loramux.core.adapters.export import export_adapter, lora_config, write_initial_adapter
+from loramux.demo.corpus import TRANSFORMS
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label of tokens that are not learned (prompt, padding)

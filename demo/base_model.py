@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from demo.corpus import TRANSFORMS
+from loramux.demo.corpus import TRANSFORMS
 
 
 @dataclass(frozen=True)

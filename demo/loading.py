@@ -7,9 +7,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from core.adapter_manager import AdapterManager
-from core.adapter_sources import CONFIG_NAME
-from demo import ADAPTER_NAMES, ADAPTERS_DIR, MODEL_DIR
+from loramux.core import AdapterManager
+from loramux.core.adapters.sources import CONFIG_NAME
+from loramux.demo import ADAPTER_NAMES, ADAPTERS_DIR, MODEL_DIR
 
 
 @dataclass

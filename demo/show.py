@@ -4,7 +4,7 @@ The requests go to loramux's Engine in-process (no gRPC): it decodes all of them
 through its own adapter. The footer shows the batch of every decode step as it happens. On a terminal the
 columns fill in live; piped, the final columns are printed once.
 
-    python -m demo.show [--prompt TEXT] [--max-new-tokens N] [--delay SECONDS] [--assets DIR]
+    python -m loramux.demo.show [--prompt TEXT] [--max-new-tokens N] [--delay SECONDS] [--assets DIR]
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from core.engine import Engine, EngineConfig
-from core.requests import AdapterSelection, EventChannel, Finished, GenerationRequest, TokenDelta
-from demo import ASSETS_DIR, DEMO_PROMPT
-from demo.corpus import TRANSFORMS
-from demo.loading import load_demo
+from loramux.core import AdapterSelection, Engine, EngineConfig, EventChannel, Finished, GenerationRequest, TokenDelta
+from loramux.demo import ASSETS_DIR, DEMO_PROMPT
+from loramux.demo.corpus import TRANSFORMS
+from loramux.demo.loading import load_demo
 
 _GAP = " │ "
 _COLORS = ("\x1b[1m", "\x1b[36m", "\x1b[33m", "\x1b[35m", "\x1b[32m", "\x1b[34m")

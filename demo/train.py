@@ -1,6 +1,6 @@
 """`make demo-assets`: rebuild demo/assets/ from the Python standard library's docstrings, on the CPU.
 
-    python -m demo.train [--out demo/assets] [--threads N] [--base-steps N] [--adapter-steps N]
+    python -m loramux.demo.train [--out demo/assets] [--threads N] [--base-steps N] [--adapter-steps N]
 
 Steps: corpus (docstrings via ast) -> byte-level BPE tokenizer -> base Llama -> saved (fp16 weights) ->
 loaded back like any Hub model -> three LoRA adapters trained in one mixed batch through loramux -> exported
@@ -27,11 +27,19 @@ import transformers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demo import ASSETS_DIR
-from demo.adapters import AdapterRecipe, train_adapters
-from demo.base_model import BaseRecipe, base_texts, llama_config, mean_loss, save_base, token_stream, train_base
-from demo.corpus import corpus_digest, stdlib_docstrings
-from demo.tokenizer import train_tokenizer
+from loramux.demo import ASSETS_DIR
+from loramux.demo.adapters import AdapterRecipe, train_adapters
+from loramux.demo.base_model import (
+    BaseRecipe,
+    base_texts,
+    llama_config,
+    mean_loss,
+    save_base,
+    token_stream,
+    train_base,
+)
+from loramux.demo.corpus import corpus_digest, stdlib_docstrings
+from loramux.demo.tokenizer import train_tokenizer
 
 _HELD_OUT_EVERY = 50  # every 50th docstring is kept out of training, to measure the base's loss honestly
 

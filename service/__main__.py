@@ -1,4 +1,5 @@
-"""``python -m service``: parse the command line (and HF_TOKEN) once into a frozen ServiceConfig, then serve.
+"""``loramux-server`` (``python -m loramux.service``): parse the command line (and HF_TOKEN) once into a frozen
+ServiceConfig, then serve.
 
 This is the only module that reads flags or the environment.
 """
@@ -12,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.adapter_manager import validate_adapter_name
-from core.engine import EngineConfig
-from core.errors import InvalidArgumentError
-from core.linear_kernels import LINEAR_KERNELS
-from core.model_loader import DTYPES, ModelSpec
-from service.auth import BearerTokens, load_tokens
-from service.config import (
+from loramux.core import EngineConfig
+from loramux.core.adapters.names import validate_adapter_name
+from loramux.core.errors import InvalidArgumentError
+from loramux.core.model.linear_kernels import LinearKernel
+from loramux.core.model.loader import DTYPES, ModelSpec
+from loramux.service.auth import BearerTokens, load_tokens
+from loramux.service.config import (
     DEFAULT_ADAPTERS_DIR,
     DEFAULT_MODEL_DIR,
     AdapterPreload,
@@ -28,8 +29,8 @@ from service.config import (
     TlsFiles,
     demo_adapters,
 )
-from service.logs import LOG_FORMATS, configure_logging
-from service.server import serve
+from loramux.service.logs import LOG_FORMATS, configure_logging
+from loramux.service.server import serve
 
 _ENGINE, _NET = EngineConfig(), NetworkConfig()
 _ENGINE_FLAGS = (  # EngineConfig field, help
@@ -70,7 +71,7 @@ def _adapter(text: str) -> AdapterPreload:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description="loramux gRPC server")
+    parser = argparse.ArgumentParser(prog="loramux-server", description="loramux gRPC server")
     _model_flags(parser.add_argument_group("model"))
     _adapter_flags(parser.add_argument_group("adapters"))
     _engine_flags(parser.add_argument_group("engine limits"))
@@ -113,7 +114,7 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         default = getattr(_ENGINE, name)
         flag = "--" + name.replace("_", "-")
         g.add_argument(flag, type=_positive_int, default=default, help=f"{help_text} (default {default})")
-    kernel = _ENGINE.linear_kernel
+    kernel = _ENGINE.linear_kernel.value
     g.add_argument(
         "--no-ragged-attention",
         dest="ragged_attention",
@@ -122,7 +123,7 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--linear-kernel",
-        choices=LINEAR_KERNELS,
+        choices=[k.value for k in LinearKernel],
         default=kernel,
         help=(
             "GEMM for the model's linear layers on CPU; onednn keeps a packed copy of each linear weight "
@@ -200,7 +201,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
     )
     engine = EngineConfig(
         **{name: getattr(args, name) for name, _ in _ENGINE_FLAGS},
-        linear_kernel=args.linear_kernel,
+        linear_kernel=LinearKernel(args.linear_kernel),
         ragged_attention=args.ragged_attention,
     )
     network = NetworkConfig(

@@ -5,7 +5,7 @@ may call everything, including the calls that change what the server holds (Load
 SetAdapter). Clients send ``authorization: Bearer <token>`` metadata. Health and reflection are separate
 services and need none, so probes and grpcurl keep working.
 
-The check runs inside the errors.unary/streaming wrappers, so a refused call gets the same request id,
+The check runs inside the rpc.unary/streaming wrappers, so a refused call gets the same request id,
 rich status, access-log line and metrics as any other: UNAUTHENTICATED for a missing or unknown token,
 PERMISSION_DENIED for a known token whose role does not cover the method. Tokens are compared in constant
 time and never logged.
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import LoramuxError
+from loramux.service.errors import PermissionDeniedError, UnauthenticatedError
 
 AUTHORIZATION_KEY = "authorization"
 
@@ -32,18 +32,6 @@ class Role(enum.Enum):
 
 
 GENERATE_METHODS = frozenset({"Generate", "ListAdapters", "GetAdapter"})  # what a generate token may call
-
-
-class UnauthenticatedError(LoramuxError):
-    """No usable bearer token: the metadata is missing, malformed, or names no configured token."""
-
-    reason = "UNAUTHENTICATED"
-
-
-class PermissionDeniedError(LoramuxError):
-    """A valid token whose role does not allow the method."""
-
-    reason = "PERMISSION_DENIED"
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import grpc
 
-from core.engine import EngineConfig
-from core.model_loader import ModelSpec
-from service.auth import BearerTokens
+from loramux.core import EngineConfig
+from loramux.core.model.loader import ModelSpec
+from loramux.demo import ADAPTERS_DIR, MODEL_DIR
+from loramux.service.auth import BearerTokens
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_ASSETS_DIR = REPO_ROOT / "demo" / "assets"
-DEFAULT_MODEL_DIR = DEMO_ASSETS_DIR / "model"  # the embedded demo model (issue #5), served when --model is absent
-DEFAULT_ADAPTERS_DIR = DEMO_ASSETS_DIR / "adapters"  # every folder in here is preloaded with the demo model
+# The embedded demo model, served when --model is absent, and its adapters (every folder is preloaded with it):
+# package data of loramux.demo, so an installed server has them too.
+DEFAULT_MODEL_DIR = MODEL_DIR
+DEFAULT_ADAPTERS_DIR = ADAPTERS_DIR
 
 ADAPTER_SERVICE = "loramux.v1.AdapterService"
 GENERATION_SERVICE = "loramux.v1.GenerationService"

@@ -12,17 +12,17 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from loramux.core import AdapterSelection, Finished, FinishReason, GenerationEvent, GenerationRequest, SamplingParams
+from loramux.core.adapters.adapter import AdapterInfo, LoadResult
+from loramux.core.adapters.names import validate_adapter_name
+from loramux.core.adapters.sources import SourceKind
+from loramux.core.errors import InvalidArgumentError
+from loramux.service import pagination
+from loramux.service.calls import valid_request_id
+from loramux.service.runtime import AdapterLoad
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import generation_service_pb2 as gpb
-
-from core.adapter import AdapterInfo, LoadResult
-from core.adapter_manager import validate_adapter_name
-from core.errors import InvalidArgumentError
-from core.requests import AdapterSelection, Finished, FinishReason, GenerationEvent, GenerationRequest
-from core.sampling import SamplingParams
-from service import pagination
-from service.errors import valid_request_id
-from service.runtime import AdapterLoad
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_BYTES = 256
@@ -35,7 +35,7 @@ _FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: gpb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.LENGTH: gpb.FINISH_REASON_LENGTH,
 }
-_SOURCE_KINDS = {"local": apb.ADAPTER_SOURCE_KIND_LOCAL, "hub": apb.ADAPTER_SOURCE_KIND_HUB}
+_SOURCE_KINDS = {SourceKind.LOCAL: apb.ADAPTER_SOURCE_KIND_LOCAL, SourceKind.HUB: apb.ADAPTER_SOURCE_KIND_HUB}
 
 
 def _invalid(field: str, message: str) -> InvalidArgumentError:

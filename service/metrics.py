@@ -2,7 +2,7 @@
 
 Three sources, one registry per server (never the process-global one, so servers in one process don't clash):
 
-* every finished RPC, through ``request_finished`` (the errors.unary / errors.streaming wrappers call it with
+* every finished RPC, through ``request_finished`` (the rpc.unary / rpc.streaming wrappers call it with
   the RPC's CallLog): requests by rpc, adapter and status, durations, tokens, time to first token and
   inter-token latency;
 * the adapter manager's observer (``adapter_event``): loads, replacements, unloads, evictions, load latency;
@@ -27,9 +27,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.adapter import AdapterEvent
-from core.engine import Engine, EngineLoad
-from service.errors import CallLog
+from loramux.core import Engine, EngineLoad
+from loramux.core.adapters.adapter import AdapterEvent, AdapterEventKind
+from loramux.service.calls import CallLog
 
 log = logging.getLogger("loramux.service")
 
@@ -129,13 +129,13 @@ class Metrics:
 
     def adapter_event(self, event: AdapterEvent) -> None:
         """The AdapterManager observer: called on the thread that changed the adapters."""
-        if event.kind in ("load", "replace"):
+        if event.kind in (AdapterEventKind.LOAD, AdapterEventKind.REPLACE):
             self._known.add(event.name)
             self.loads.inc()
             self.load_seconds.observe(event.seconds)
-        elif event.kind == "unload":
+        elif event.kind is AdapterEventKind.UNLOAD:
             self.unloads.inc()
-        elif event.kind == "evict":
+        elif event.kind is AdapterEventKind.EVICT:
             self.evictions.inc()
 
     def adapter_label(self, name: str | None) -> str:

@@ -12,8 +12,8 @@ import binascii
 from collections.abc import Sequence
 from typing import TypeVar
 
-from core.adapter_manager import validate_adapter_name
-from core.errors import InvalidArgumentError
+from loramux.core.adapters.names import validate_adapter_name
+from loramux.core.errors import InvalidArgumentError
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

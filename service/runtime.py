@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from core.adapter import AdapterEvent, AdapterInfo, LoadResult
-from core.adapter_manager import AdapterManager
-from core.adapter_sources import restricted_sources
-from core.engine import Engine
-from core.errors import AdapterNotFoundError, ShuttingDownError
-from core.model_loader import load_base_model
-from core.requests import AdapterSelection, EventChannel, GenerationRequest
-from service.config import ServiceConfig
-from service.errors import ModelLoadingError
+from loramux.core import AdapterManager, AdapterSelection, Engine, EventChannel, GenerationRequest
+from loramux.core.adapters.adapter import AdapterEvent, AdapterInfo, LoadResult
+from loramux.core.adapters.sources import restricted_sources
+from loramux.core.errors import AdapterNotFoundError, ShuttingDownError
+from loramux.core.model.loader import load_base_model
+from loramux.service.config import ServiceConfig
+from loramux.service.errors import ModelLoadingError
 
 log = logging.getLogger("loramux.service")
 T = TypeVar("T")

@@ -19,16 +19,16 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2_grpc
 
-from core.adapter import AdapterEvent
-from core.engine import Engine
-from core.errors import LoramuxError
-from service.auth import token_roles
-from service.config import ADAPTER_SERVICE, GENERATION_SERVICE, ServiceConfig
-from service.metrics import Metrics
-from service.runtime import Runtime, build_engine, on_own_thread
-from service.servicer import AdapterServicer, GenerationServicer
+from loramux.core import Engine
+from loramux.core.adapters.adapter import AdapterEvent
+from loramux.core.errors import LoramuxError
+from loramux.service.auth import token_roles
+from loramux.service.config import ADAPTER_SERVICE, GENERATION_SERVICE, ServiceConfig
+from loramux.service.metrics import Metrics
+from loramux.service.runtime import Runtime, build_engine, on_own_thread
+from loramux.service.servicer import AdapterServicer, GenerationServicer
+from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2_grpc
 
 log = logging.getLogger("loramux.service")
 T = TypeVar("T")

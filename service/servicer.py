@@ -1,7 +1,7 @@
 """The two loramux.v1 services: each RPC converts the request, calls the runtime, converts the result.
 
 Request ids, authorization (service/auth.py), error statuses, access logs and request metrics come from the
-``errors.unary`` / ``errors.streaming`` wrappers.
+``rpc.unary`` / ``rpc.streaming`` wrappers.
 """
 
 from __future__ import annotations
@@ -10,21 +10,21 @@ from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
+
+from loramux.service import convert, rpc
+from loramux.service.auth import BearerTokens
+from loramux.service.calls import CallLog, RequestObserver
+from loramux.service.runtime import Runtime
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import adapter_service_pb2_grpc as apb_grpc
 from loramux.v1 import generation_service_pb2 as gpb
 from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
 
-from service import convert, errors
-from service.auth import BearerTokens
-from service.errors import CallLog, RequestObserver
-from service.runtime import Runtime
-
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class _Servicer:
-    """The runtime both services call, and what the errors.unary/streaming wrappers read (errors.Servicer)."""
+    """The runtime both services call, and what the rpc.unary/streaming wrappers read (rpc.Servicer)."""
 
     def __init__(
         self, runtime: Runtime, *, observer: RequestObserver | None = None, tokens: BearerTokens | None = None
@@ -36,14 +36,14 @@ class _Servicer:
 
 
 class AdapterServicer(_Servicer, apb_grpc.AdapterServiceServicer):
-    @errors.unary
+    @rpc.unary
     async def LoadAdapter(
         self, request: apb.LoadAdapterRequest, context: Context, call: CallLog
     ) -> apb.LoadAdapterResponse:
         result = await self._runtime.load_adapter(convert.load_request(request))
         return convert.load_response(result)
 
-    @errors.unary
+    @rpc.unary
     async def UnloadAdapter(
         self, request: apb.UnloadAdapterRequest, context: Context, call: CallLog
     ) -> apb.UnloadAdapterResponse:
@@ -51,21 +51,21 @@ class AdapterServicer(_Servicer, apb_grpc.AdapterServiceServicer):
         info = await self._runtime.unload_adapter(name, allow_missing=request.allow_missing)
         return convert.unload_response(info)
 
-    @errors.unary
+    @rpc.unary
     async def SetAdapter(
         self, request: apb.SetAdapterRequest, context: Context, call: CallLog
     ) -> apb.SetAdapterResponse:
         info, previous = await self._runtime.set_default(convert.default_adapter_name(request.name))
         return convert.set_response(info, previous)
 
-    @errors.unary
+    @rpc.unary
     async def GetAdapter(
         self, request: apb.GetAdapterRequest, context: Context, call: CallLog
     ) -> apb.GetAdapterResponse:
         info = await self._runtime.get_adapter(convert.adapter_name(request.name))
         return apb.GetAdapterResponse(adapter=convert.adapter(info))
 
-    @errors.unary
+    @rpc.unary
     async def ListAdapters(
         self, request: apb.ListAdaptersRequest, context: Context, call: CallLog
     ) -> apb.ListAdaptersResponse:
@@ -74,7 +74,7 @@ class AdapterServicer(_Servicer, apb_grpc.AdapterServiceServicer):
 
 
 class GenerationServicer(_Servicer, gpb_grpc.GenerationServiceServicer):
-    @errors.streaming
+    @rpc.streaming
     async def Generate(
         self, request: gpb.GenerateRequest, context: Context, call: CallLog
     ) -> AsyncIterator[gpb.GenerateResponse]:

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from core.requests import Finished, GenerationEvent, TokenDelta
+from loramux.core import Finished, GenerationEvent, TokenDelta
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -1,4 +1,4 @@
-"""`python -m clients` against a real server: in-process main() for most commands, one real subprocess."""
+"""The `loramux` command line (loramux.client.cli) against a real server: in-process main(), and subprocesses."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.__main__ import main
-from core.requests import AdapterSelection, GenerationRequest, TokenDelta
+from loramux.client.cli import main
+from loramux.core import AdapterSelection, GenerationRequest, TokenDelta
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,9 +68,12 @@ def test_errors_exit_1_with_details(server):
     assert code == 1 and "sampling.top_p:" in err
 
 
-def test_python_m_clients_subprocess(server):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients'}", "LORAMUX_TARGET": server.target}
-    cmd = [sys.executable, "-m", "clients", "generate", "--base", "--max-new-tokens", "6", "--ignore-eos", "Prove"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+@pytest.mark.parametrize("command", [["loramux"], ["python", "-m", "loramux.client"]])
+def test_cli_subprocess(server, command, tmp_path):
+    """The `loramux` console script and `python -m loramux.client`, run outside the checkout."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "LORAMUX_TARGET": server.target}
+    executable = str(Path(sys.executable).parent / command[0])
+    cmd = [executable, *command[1:], "generate", "--base", "--max-new-tokens", "6", "--ignore-eos", "Prove"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == reference_text(server.engine, "Prove", "", 6) + "\n"

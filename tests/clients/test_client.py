@@ -1,12 +1,12 @@
-"""The typed Python client (clients/client.py) against a real in-process server."""
+"""The typed sync client (loramux.client.sync) against a real in-process server."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from clients.client import Completion, LoramuxClient, LoramuxRpcError, TextChunk
-from core.requests import GenerationRequest, TokenDelta
+from loramux.client import Completion, LoramuxClient, LoramuxRpcError, TextChunk
+from loramux.core import GenerationRequest, TokenDelta
 from tests.service.harness import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -1,4 +1,4 @@
-"""core.adapter_export: a fresh adapter is a no-op PEFT loads; a trained one exports to what PEFT computes."""
+"""loramux.core.adapters.export: a fresh adapter is a no-op PEFT loads; a trained one exports to what PEFT computes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from core.adapter_export import export_adapter, lora_config, write_initial_adapter
-from core.adapter_manager import AdapterManager
+from loramux.core import AdapterManager
+from loramux.core.adapters.export import export_adapter, lora_config, write_initial_adapter
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

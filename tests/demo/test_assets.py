@@ -16,10 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.engine import Engine, EngineConfig
-from core.requests import AdapterSelection, Finished, GenerationRequest, TokenDelta
-from demo import ADAPTER_NAMES, ADAPTERS_DIR, ASSETS_DIR, DEMO_PROMPT, MODEL_DIR
-from demo.corpus import (
+from loramux.core import AdapterSelection, Engine, EngineConfig, Finished, GenerationRequest, TokenDelta
+from loramux.demo import ADAPTER_NAMES, ADAPTERS_DIR, ASSETS_DIR, DEMO_PROMPT, MODEL_DIR
+from loramux.demo.corpus import (
     bigram_share,
     common_bigrams,
     common_words,
@@ -29,7 +28,7 @@ from demo.corpus import (
     stdlib_docstrings,
     uppercase_share,
 )
-from demo.loading import DemoModel, load_demo
+from loramux.demo.loading import DemoModel, load_demo
 
 PROMPTS = tuple(dict.fromkeys((DEMO_PROMPT, "If the file", "Return the", "Create a new")))
 MAX_NEW = 32

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from demo.adapters import AdapterRecipe, collate, make_examples, split_at_word, styled
-from demo.corpus import (
+from loramux.demo.adapters import AdapterRecipe, collate, make_examples, split_at_word, styled
+from loramux.demo.corpus import (
     TRANSFORMS,
     bigram_share,
     common_bigrams,
@@ -17,7 +17,7 @@ from demo.corpus import (
     stdlib_docstrings,
     uppercase_share,
 )
-from demo.tokenizer import train_tokenizer
+from loramux.demo.tokenizer import train_tokenizer
 
 TEXT = "Return the number of items.\n\nRaise an error if the list is empty."
 

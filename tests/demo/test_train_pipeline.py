@@ -8,14 +8,14 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core.adapter_manager import AdapterManager
+from loramux.core import AdapterManager
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_train_writes_loadable_assets(tmp_path):
     out = tmp_path / "assets"
-    cmd = [sys.executable, "-m", "demo.train", "--out", str(out), "--base-steps", "3", "--adapter-steps", "2"]
+    cmd = [sys.executable, "-m", "loramux.demo.train", "--out", str(out), "--base-steps", "3", "--adapter-steps", "2"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "model")

@@ -17,9 +17,9 @@ from types import ModuleType
 
 import pytest
 from google.rpc import error_details_pb2
+
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import generation_service_pb2 as gpb
-
 from tests.service.harness import Harness, wait_until
 
 grpclib = pytest.importorskip("grpclib", reason="grpclib is a dev dependency: pip install -e '.[dev]'")

@@ -82,7 +82,7 @@ const target = process.env.LORAMUX_TARGET;
 
 
 def test_node_client_sends_its_bearer_token(make_server, adapter_dirs):
-    from service.auth import parse_tokens
+    from loramux.service.auth import parse_tokens
 
     node = node_or_skip()
     tokens = parse_tokens("generate node-user-token\nadmin node-admin-token\n")
@@ -116,7 +116,7 @@ const target = process.env.LORAMUX_TARGET;
 
 
 def test_node_client_over_tls(make_server, adapter_dirs, pki):
-    from service.config import NetworkConfig, TlsFiles
+    from loramux.service.config import NetworkConfig, TlsFiles
 
     node = node_or_skip()
     tls = TlsFiles(cert=pki / "server.pem", key=pki / "server.key")

@@ -24,19 +24,18 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2, generation_service_pb2_grpc
 
-from core.adapter_manager import AdapterManager
-from core.adapter_sources import DEFAULT_SOURCES, AdapterSource
-from core.engine import Engine, EngineConfig
-from core.model_loader import ModelSpec
-from service.config import NetworkConfig, ServiceConfig
-from service.server import LoramuxServer, create_server
+from loramux.core import AdapterManager, Engine, EngineConfig
+from loramux.core.adapters.sources import DEFAULT_SOURCES, AdapterSource
+from loramux.core.model.loader import ModelSpec
+from loramux.service.config import NetworkConfig, ServiceConfig
+from loramux.service.server import LoramuxServer, create_server
+from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2, generation_service_pb2_grpc
 
 
 @pytest.fixture(scope="session")
 def model_dir(base_model, tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model and its tokenizer saved as a folder, as `python -m service --model` loads it."""
+    """The tiny model and its tokenizer saved as a folder, as `loramux-server --model` loads it."""
     folder = tmp_path_factory.mktemp("model")
     base_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramux.v1 import adapter_service_pb2 as apb
 
-from core.adapter_sources import AdapterFiles, AdapterLocation, AdapterSource, AdapterSourceUnavailableError
+from loramux.core.adapters.sources import AdapterFiles, AdapterLocation, AdapterSource
+from loramux.core.errors import AdapterSourceUnavailableError
+from loramux.v1 import adapter_service_pb2 as apb
 from tests.service.harness import expect_failure
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -266,7 +267,7 @@ def test_load_from_outside_the_adapter_roots_is_permission_denied(make_server, a
 
 
 def test_adapter_root_flags(tmp_path):
-    from service import __main__ as service_main
+    from loramux.service import __main__ as service_main
 
     parse = service_main.build_parser().parse_args
     args = parse(["--model", "m", "--adapter-root", str(tmp_path), "--no-hub-adapters"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+
+from loramux.client import LoramuxClient, LoramuxRpcError
+from loramux.service import __main__ as service_main
+from loramux.service.auth import BearerTokens, Role, parse_tokens
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import generation_service_pb2 as gpb
-
-from clients.client import LoramuxClient, LoramuxRpcError
-from service import __main__ as service_main
-from service.auth import BearerTokens, Role, parse_tokens
 from tests.service.harness import expect_failure
 
 ADMIN, USER = "admin-token-1", "generate-token-2"

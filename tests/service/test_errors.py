@@ -6,11 +6,11 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from core.adapter_sources import AdapterSourceUnavailableError
-from core.errors import (
+from loramux.core.errors import (
     AdapterAlreadyExistsError,
     AdapterNotFoundError,
     AdapterSourceNotFoundError,
+    AdapterSourceUnavailableError,
     CapacityExceededError,
     CorruptAdapterError,
     EngineFailure,
@@ -20,8 +20,10 @@ from core.errors import (
     ShuttingDownError,
     UnsupportedAdapterError,
 )
-from service import pagination
-from service.errors import REQUEST_ID_KEY, CallLog, ModelLoadingError, to_status
+from loramux.service import pagination
+from loramux.service.calls import REQUEST_ID_KEY, CallLog
+from loramux.service.errors import ModelLoadingError
+from loramux.service.status import to_status
 from tests.service.harness import unpack_details
 
 Code = grpc.StatusCode

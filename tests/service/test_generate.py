@@ -7,10 +7,10 @@ import concurrent.futures
 
 import grpc
 import pytest
+
+from loramux.core import AdapterSelection, Finished, GenerationRequest
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import generation_service_pb2 as gpb
-
-from core.requests import AdapterSelection, Finished, GenerationRequest
 from tests.generation_fixtures import collect
 from tests.service.harness import expect_failure, wait_until
 

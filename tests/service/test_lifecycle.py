@@ -1,4 +1,4 @@
-"""Start-up, health, reflection and graceful shutdown; `python -m service` as a real subprocess."""
+"""Start-up, health, reflection and graceful shutdown; `loramux-server` as a real subprocess."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import loramux.service.__main__ as service_main
+from loramux.core import LinearKernel
+from loramux.service.config import NetworkConfig
+from loramux.service.server import HEALTH_NAMES
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import generation_service_pb2 as gpb
-
-import service.__main__ as service_main
-from service.config import NetworkConfig
-from service.server import HEALTH_NAMES
 from tests.service.harness import (
     build_engine,
     expect_failure,
@@ -141,7 +142,7 @@ def test_flags_make_one_frozen_config(adapter_dirs, tmp_path):
     args = service_main.build_parser().parse_args([*model, *flags])
     config = service_main.config_from_args(args, {"HF_TOKEN": "hf_secret"})
     assert config.engine.max_batch_rows == 4 and config.engine.max_queued == 8
-    assert config.engine.linear_kernel == "torch" and config.engine.ragged_attention is False
+    assert config.engine.linear_kernel is LinearKernel.TORCH and config.engine.ragged_attention is False
     assert (config.engine.max_prompt_tokens, config.engine.max_total_tokens) == (100, 200)
     assert (config.max_adapters, config.max_rank, config.default_adapter) == (3, 16, "math")
     assert config.adapters[0].name == "math" and config.network.max_message_bytes == 8 << 20
@@ -158,7 +159,7 @@ def _engine_reference(base_model, tokenizer, adapter_dirs, prompt: str, n: int) 
 
     engine = build_engine(base_model, tokenizer, config, {"math": adapter_dirs["math"]}, StepGate())
     try:
-        from core.requests import GenerationRequest, TokenDelta
+        from loramux.core import GenerationRequest, TokenDelta
 
         request = GenerationRequest(prompt=prompt, adapter="math", max_new_tokens=n, ignore_eos=True)
         return "".join(e.text for e in engine.submit(request) if isinstance(e, TokenDelta))
@@ -166,18 +167,19 @@ def _engine_reference(base_model, tokenizer, adapter_dirs, prompt: str, n: int) 
         engine.close()
 
 
-def test_python_m_service_subprocess(model_dir, adapter_dirs, base_model, tokenizer):
+def test_loramux_server_subprocess(model_dir, adapter_dirs, base_model, tokenizer, tmp_path):
+    """The `loramux-server` console script, started outside the checkout: the install resolves everything."""
     flags = f"--port 0 --device cpu --default-adapter math --grace-period 2 --adapter math={adapter_dirs['math']}"
-    cmd = [sys.executable, "-m", "service", "--model", str(model_dir), *flags.split()]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients'}"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [str(Path(sys.executable).parent / "loramux-server"), "--model", str(model_dir), *flags.split()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             listening = pool.submit(proc.stdout.readline).result(60)
             assert listening.startswith("loramux listening on 127.0.0.1:"), listening
             port = int(listening.strip().rsplit(":", 1)[1])
             assert pool.submit(proc.stdout.readline).result(60).strip() == "loramux ready"
-        from clients.client import LoramuxClient
+        from loramux.client import LoramuxClient
 
         with LoramuxClient(f"127.0.0.1:{port}", timeout=30) as client:
             assert client.health("loramux.v1.GenerationService") == "SERVING"

@@ -7,10 +7,10 @@ import logging
 import sys
 
 import pytest
-from loramux.v1 import generation_service_pb2 as gpb
 
-from service import __main__ as service_main
-from service.logs import JsonFormatter, configure_logging
+from loramux.service import __main__ as service_main
+from loramux.service.logs import JsonFormatter, configure_logging
+from loramux.v1 import generation_service_pb2 as gpb
 
 
 def access_records(caplog) -> list[logging.LogRecord]:

@@ -9,11 +9,11 @@ import urllib.request
 
 import grpc
 import pytest
-from loramux.v1 import adapter_service_pb2 as apb
-from loramux.v1 import generation_service_pb2 as gpb
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import __main__ as service_main
+from loramux.service import __main__ as service_main
+from loramux.v1 import adapter_service_pb2 as apb
+from loramux.v1 import generation_service_pb2 as gpb
 from tests.service.harness import Harness, expect_failure, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

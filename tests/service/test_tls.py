@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients import __main__ as cli
-from clients.client import LoramuxClient, LoramuxRpcError
-from service import __main__ as service_main
-from service.config import NetworkConfig, TlsFiles
+from loramux.client import LoramuxClient, LoramuxRpcError
+from loramux.client import cli as cli
+from loramux.service import __main__ as service_main
+from loramux.service.config import NetworkConfig, TlsFiles
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

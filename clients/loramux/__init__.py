@@ -1,1 +1,0 @@
-"""Generated gRPC stubs of the loramux API (protos/loramux/). Written by `make proto`; never edit by hand."""

@@ -1,0 +1,53 @@
+"""Prefilling one long prompt a chunk per engine step, so that the running rows keep decoding meanwhile.
+
+A prompt of thousands of tokens prefilled in one forward stalls every running stream for that forward's
+whole duration (seconds on a CPU). The engine instead feeds such a prompt ``chunk`` tokens per step into a
+cache of its own, between the batch's decode steps; after the last chunk the row samples its first token
+and joins the batch like any other. Each chunk attends to the cached tokens before it, so the result is
+the one-shot prefill's up to float rounding (the attention sums in a different order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from loramux.core.engine.admission import Row
+from loramux.core.lora.routing import RoutingPlan, use_plan
+from loramux.core.model.kv_cache import GrowableCache
+
+
+@dataclass
+class ChunkedPrefill:
+    row: Row
+    plan: RoutingPlan  # the row's own (one-row) routing plan
+    cache: GrowableCache = field(default_factory=GrowableCache)
+    done: int = 0  # prompt tokens already in the cache
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.row.prompt_ids)
+
+    def step(self, model: nn.Module, *, chunk: int, device: torch.device) -> Tensor | None:
+        """Prefill the next ``chunk`` tokens. Returns the last prompt position's logits (1, V) after the final
+        chunk, else None."""
+        prompt = self.row.prompt_ids
+        start, end = self.done, min(self.done + chunk, len(prompt))
+        ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=device)  # (1, C)
+        with use_plan(self.plan):
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=device),  # (1, cached + C)
+                position_ids=torch.arange(start, end, device=device).unsqueeze(0),  # (1, C)
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.done = end
+        return out.logits[:, -1, :] if self.finished else None
+
+    def mask(self, *, device: torch.device) -> Tensor:
+        """(1, prompt length) attention mask of the finished cache, for joining the batch."""
+        return torch.ones((1, self.done), dtype=torch.long, device=device)

@@ -1,0 +1,53 @@
+"""The engine's one configuration object: its limits and its kernel choices, checked once when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from loramux.core.model.linear_kernels import LinearKernel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_rows: int = 32
+    max_queued: int = 256
+    max_prompt_tokens: int = 2048
+    max_total_tokens: int = 4096  # prompt + new tokens, per request
+    default_max_new_tokens: int = 256
+    max_new_tokens_ceiling: int = 2048
+    # Padded prompt tokens prefilled in one step (rows x longest prompt); the rest join at the next steps, so
+    # running rows keep decoding between chunks of a burst. A longer single prompt is still admitted alone.
+    max_prefill_tokens: int = 4096
+    # A prompt longer than this is prefilled this many tokens per step, between the batch's decode steps
+    # (chunked_prefill.py), so running streams do not stall behind it.
+    prefill_chunk_tokens: int = 512
+    # GEMM for the model's nn.Linear layers on CPU (loramux.core.model.linear_kernels).
+    linear_kernel: LinearKernel = LinearKernel.ONEDNN
+    # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
+    # (loramux.core.model.ragged_attention); False keeps one SDPA call over the whole padded width.
+    ragged_attention: bool = True
+
+    def __post_init__(self) -> None:
+        small = [f"{name}={getattr(self, name)!r}" for name in LIMITS if not _is_positive_int(getattr(self, name))]
+        if small:
+            raise ValueError(f"engine limits must be integers >= 1: {', '.join(small)}")
+        if not isinstance(self.linear_kernel, LinearKernel):
+            raise ValueError(f"linear_kernel must be a LinearKernel (got {self.linear_kernel!r})")
+
+
+# The fields that are limits or sizes (each an int >= 1), in declaration order.
+LIMITS: Final = (
+    "max_batch_rows",
+    "max_queued",
+    "max_prompt_tokens",
+    "max_total_tokens",
+    "default_max_new_tokens",
+    "max_new_tokens_ceiling",
+    "max_prefill_tokens",
+    "prefill_chunk_tokens",
+)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -1,0 +1,379 @@
+"""The generation engine: one thread owns the model and decodes every running request in one batch.
+
+Each loop iteration (a *step*): drop cancelled rows, admit queued requests (prefill them together, sample
+their first token, merge their KV cache into the batch), then one decode forward for all rows, whatever
+adapter each uses (a per-row routing plan, extended when rows join and compacted when they leave). Each
+step's events go to the requests' channels together (``deliver``).
+
+Requests are validated before they are queued (``admission``); which waiting requests join at a step is
+the scheduler's decision (``scheduler``, no model needed). On its thread the engine first switches the
+model's linear layers to the configured GEMM (``loramux.core.model.linear_kernels``) and, for a model on
+SDPA, its decode attention to runs of similar-length rows (``loramux.core.model.ragged_attention``); its KV
+cache grows in place (``loramux.core.model.kv_cache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from loramux.core.adapters.manager import AdapterManager
+from loramux.core.engine.admission import Admission, Row
+from loramux.core.engine.chunked_prefill import ChunkedPrefill
+from loramux.core.engine.config import EngineConfig
+from loramux.core.engine.requests import EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta, deliver
+from loramux.core.engine.sampling import sample_next_tokens
+from loramux.core.engine.scheduler import Scheduler, StepAdmission
+from loramux.core.errors import (
+    CapacityExceededError,
+    EngineFailure,
+    LoramuxError,
+    RequestCancelledError,
+    ShuttingDownError,
+)
+from loramux.core.lora.routing import RoutingPlan, extend_plan, swap_remove, use_plan
+from loramux.core.lora.weights import AdapterWeights
+from loramux.core.model import kv_batch
+from loramux.core.model.kv_cache import GrowableCache
+from loramux.core.model.linear_kernels import use_linear_kernel
+from loramux.core.model.ragged_attention import SEGMENTS_KWARG, decode_segments, use_ragged_attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds at one moment (for metrics and routers). Adapter names exclude the base model."""
+
+    running: int  # rows in the decode batch
+    waiting: int  # requests queued for a batch row
+    running_adapters: frozenset[str]
+    waiting_adapters: frozenset[str]
+    steps: int  # decode steps so far
+    kv_cache_bytes: int = 0  # memory held by the batch's KV cache, spare room included
+    kv_cache_tokens: int = 0  # token positions the batch's rows use
+    kv_cache_padded_tokens: int = 0  # rows x columns of the left-padded cache (what each step attends over)
+
+
+class Engine:
+    """Generates for many requests at once on one thread that owns the model.
+
+    ``submit`` (any thread) validates a request and queues it; the engine thread admits queued requests at
+    step boundaries, decodes every running row in one forward, and streams events to each request's channel.
+    Keep other long-lived threads off torch: each keeps an OpenMP pool, and two live pools slow the engine's
+    steps markedly on small machines (BENCHMARKS.md).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        manager: AdapterManager,
+        config: EngineConfig,
+        *,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.manager, self.config = model, tokenizer, manager, config
+        self._on_step = on_step  # called on the engine thread with the batch size of each decode step
+        self._eos = _eos_ids(model, tokenizer)
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        self._device = next(model.parameters()).device
+        vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
+        self._admission = Admission(config=config, tokenizer=tokenizer, manager=manager, vocab_size=vocab_size)
+        self._scheduler: Scheduler[Row] = Scheduler(
+            max_rows=config.max_batch_rows,
+            prefill_tokens=config.max_prefill_tokens,
+            chunk_tokens=config.prefill_chunk_tokens,
+            prompt_len=lambda row: len(row.prompt_ids),
+            cancelled=lambda row: row.channel.cancelled.is_set(),
+        )
+        self._wakeup = threading.Condition()  # guards the scheduler's queue and _stop_requested
+        self._stop_requested = False
+        self._accepting = True
+        self._rows: list[Row] = []
+        self._cache: GrowableCache | None = None
+        self._mask: Tensor | None = None
+        self._plan: RoutingPlan | None = None
+        self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
+        self._ragged = False  # decode attention skips rows' left padding (loramux.core.model.ragged_attention)
+        self.steps = 0
+        self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="loramux-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    # -- caller side (any thread) ---------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> EventChannel:
+        """Validate and enqueue; errors for bad input, unknown adapters and full queues raise right here."""
+        if not self._accepting:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        row = self._admission.admit(request)
+        with self._wakeup:
+            if self._stop_requested:
+                raise ShuttingDownError("the server is shutting down and accepts no new requests")
+            if len(self._scheduler) >= self.config.max_queued:
+                raise CapacityExceededError(f"the queue holds {self.config.max_queued} requests already", field="queue")
+            self._scheduler.add(row)
+            self._wakeup.notify()
+        return row.channel
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows)
+
+    @property
+    def cached_rows(self) -> int:
+        """Rows held in the KV cache (equals running_rows between steps)."""
+        cache = self._cache
+        return 0 if cache is None or not cache.layers else int(cache.layers[0].keys.shape[0])  # type: ignore[union-attr]
+
+    @property
+    def queued(self) -> int:
+        return len(self._scheduler)
+
+    def load(self) -> EngineLoad:
+        """A snapshot of the batch and the queue, from any thread (read-only; a row may be mid-admission)."""
+        rows = list(self._rows)
+        chunking = self._chunking
+        with self._wakeup:  # held only to copy the queue
+            waiting = list(self._scheduler)
+        if chunking is not None:
+            waiting.append(chunking.row)
+        cache, mask = self._cache, self._mask
+        return EngineLoad(
+            running=len(rows),
+            waiting=len(waiting),
+            running_adapters=frozenset(r.adapter.name for r in rows if r.adapter is not None),
+            waiting_adapters=frozenset(r.adapter.name for r in waiting if r.adapter is not None),
+            steps=self.steps,
+            kv_cache_bytes=cache.allocated_bytes() if cache is not None else 0,
+            kv_cache_tokens=sum(len(r.prompt_ids) + r.generated - 1 for r in rows),  # the newest token: next step
+            kv_cache_padded_tokens=mask.shape[0] * mask.shape[1] if mask is not None else 0,
+        )
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Stop the engine thread; anything still queued or running ends with ShuttingDownError."""
+        self._accepting = False
+        with self._wakeup:
+            self._stop_requested = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    # -- engine thread --------------------------------------------------------------------------------
+
+    def _run(self, ready: threading.Event) -> None:
+        try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
+            self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
+            self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
+        finally:
+            ready.set()
+        while True:
+            step = self._next_step()
+            if step is None:
+                break
+            self._start(step)
+            self._drop_finished()
+            if self._chunking is not None:
+                self._prefill_chunk()
+            try:
+                with torch.no_grad():
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # a bug or OOM: end this batch's rows, keep serving
+                log.exception("decode step failed")
+                self._fail_all(EngineFailure("generation failed inside the engine"), exc)
+            self._drop_finished()
+        self._fail_all(ShuttingDownError("the server shut down before this request finished"), None)
+        self._drain_queue()
+
+    def _next_step(self) -> StepAdmission[Row] | None:
+        """What joins the batch now; waits for work while there is none. None once asked to stop."""
+        with self._wakeup:
+            while not self._stop_requested and not self._rows and self._chunking is None and not self._scheduler:
+                self._wakeup.wait()
+            if self._stop_requested:
+                return None
+            return self._scheduler.next_step(running=len(self._rows), chunking=self._chunking is not None)
+
+    def _start(self, step: StepAdmission[Row]) -> None:
+        for row in step.cancelled:
+            row.channel.put(RequestCancelledError("the request was cancelled before it started"))
+        if step.chunked is not None:
+            self._chunking = ChunkedPrefill(step.chunked, plan=self.manager.plan([step.chunked.adapter]))
+        if not step.prefill:
+            return
+        try:
+            with torch.no_grad():
+                self._prefill(step.prefill)
+        except Exception:
+            log.exception("prefill failed")
+            for row in step.prefill:
+                row.channel.put(EngineFailure("generation failed inside the engine"))
+                row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
+
+    def _prefill(self, new: list[Row]) -> None:
+        ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
+        cache, plan = GrowableCache(), self.manager.plan([r.adapter for r in new])
+        with use_plan(plan):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=kv_batch.prefill_positions(mask),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._join(new, cache, mask, plan, out.logits[:, -1, :])
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled; after the last, its row joins the batch."""
+        job = self._chunking
+        assert job is not None
+        if job.row.channel.cancelled.is_set():
+            self._chunking = None
+            job.row.channel.put(RequestCancelledError("the request was cancelled"))
+            return
+        try:
+            with torch.no_grad():
+                logits = job.step(self.model, chunk=self.config.prefill_chunk_tokens, device=self._device)
+                if logits is not None:
+                    self._chunking = None
+                    self._join([job.row], job.cache, job.mask(device=self._device), job.plan, logits)
+        except Exception:
+            log.exception("chunked prefill failed")
+            self._chunking = None
+            job.row.channel.put(EngineFailure("generation failed inside the engine"))
+            job.row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
+
+    def _join(self, new: list[Row], cache: GrowableCache, mask: Tensor, plan: RoutingPlan, logits: Tensor) -> None:
+        """Prefilled rows (their cache, mask (N, S), plan and last logits (N, V)) join the decode batch."""
+        if self._cache is None or self._mask is None:  # the new rows are the whole batch: so is their plan
+            self._cache, self._mask, self._plan = cache, mask, plan
+        else:
+            self._mask = kv_batch.merge(self._cache, self._mask, cache, mask)
+            if self._plan is not None:  # the new rows join the decode plan at its end, like the cache
+                self._plan = extend_plan(self._plan, _weights(self._rows), _weights(new))
+        self._rows.extend(new)
+        self._emit(new, logits)
+
+    def _decode_step(self) -> None:
+        assert self._cache is not None and self._mask is not None
+        rows = self._rows
+        if self._plan is None:
+            self._plan = self.manager.plan([r.adapter for r in rows])
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
+        positions = kv_batch.next_positions(self._mask)  # (N, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        # each row's real tokens, the one fed now included: its position + 1 (no second pass over the mask)
+        segments = decode_segments((positions[:, 0] + 1).tolist(), self._mask.shape[1]) if self._ragged else None
+        with use_plan(self._plan):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+                **({SEGMENTS_KWARG: segments} if segments is not None else {}),
+            )
+        self.steps += 1
+        if self._on_step is not None:
+            self._on_step(len(rows))
+        self._emit(rows, out.logits[:, -1, :])
+
+    def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
+        """Sample one token per row (N, V) -> events; marks rows that finished."""
+        tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
+        events: list[tuple[EventChannel, TokenDelta]] = []
+        for row, token in zip(rows, tokens, strict=True):
+            row.last_token = token
+            row.generated += 1
+            is_eos = token in self._eos and not row.request.ignore_eos
+            delta, stopped = row.text.push(token) if not is_eos else ("", False)
+            if stopped:
+                row.finish = FinishReason.STOP_SEQUENCE
+            elif is_eos:
+                row.finish = FinishReason.EOS
+            elif row.generated >= row.max_new_tokens:
+                row.finish = FinishReason.LENGTH
+            if row.finish is not None and row.finish is not FinishReason.STOP_SEQUENCE:
+                delta += row.text.flush()
+                if row.text.stopped:
+                    row.finish = FinishReason.STOP_SEQUENCE
+            token_ids = () if is_eos or stopped else (token,)
+            if delta or token_ids:
+                events.append((row.channel, TokenDelta(text=delta, token_ids=token_ids)))
+        deliver(events)
+
+    def _drop_finished(self) -> None:
+        """Rows that finished or were cancelled leave; the last rows fill their places (swap_remove), so the
+        KV cache is re-selected but the routing plan only copies the moved rows."""
+        removed = {i for i, r in enumerate(self._rows) if r.finish is not None or r.channel.cancelled.is_set()}
+        if not removed:
+            return
+        deliver(
+            [
+                (row.channel, self._finished_event(row, row.finish))
+                if row.finish is not None
+                else (row.channel, RequestCancelledError("the request was cancelled"))
+                for row in (self._rows[i] for i in sorted(removed))
+            ]
+        )
+        order, moves = swap_remove(len(self._rows), removed)
+        self._rows = [self._rows[i] for i in order]
+        if not self._rows:
+            self._cache, self._mask, self._plan = None, None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        self._mask = kv_batch.select_rows(self._cache, self._mask, order)
+        if self._plan is not None:
+            self._plan = self._plan.compact(moves, len(order))
+
+    @staticmethod
+    def _finished_event(row: Row, reason: FinishReason) -> Finished:
+        return Finished(
+            reason=reason,
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=row.generated,
+            adapter=row.adapter.name if row.adapter is not None else None,
+            adapter_version=row.adapter.version if row.adapter is not None else 0,
+            stop_sequence=row.text.matched_stop,
+            seed=None if row.request.sampling.greedy else row.sampler.seed,
+        )
+
+    def _fail_all(self, error: LoramuxError, cause: BaseException | None) -> None:
+        for row in self._rows:
+            error.__cause__ = cause
+            row.channel.put(error)
+        self._rows, self._cache, self._mask, self._plan = [], None, None, None
+
+    def _drain_queue(self) -> None:
+        if self._chunking is not None:
+            self._chunking.row.channel.put(ShuttingDownError("the server shut down before this request finished"))
+            self._chunking = None
+        with self._wakeup:
+            waiting = self._scheduler.drain()
+        for row in waiting:
+            row.channel.put(ShuttingDownError("the server shut down before this request started"))
+
+
+def _weights(rows: Sequence[Row]) -> list[AdapterWeights | None]:
+    return [r.adapter.weights if r.adapter is not None else None for r in rows]
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {int(eos)}

@@ -1,0 +1,125 @@
+"""What a caller asks the engine for and what it gets back: plain types, no tensors, no grpc."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from loramux.core.engine.sampling import SamplingParams
+from loramux.core.errors import LoramuxError
+
+
+class AdapterSelection(enum.Enum):
+    """Symbolic adapter choices; a plain ``str`` names an adapter."""
+
+    DEFAULT = "default"  # whatever the manager's default is when the request is admitted
+    BASE = "base"  # the bare base model
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | Sequence[int]  # text (tokenized with the model's tokenizer) or token ids
+    adapter: str | AdapterSelection = AdapterSelection.DEFAULT
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = None  # None: the engine's default
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    apply_chat_template: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    text: str  # new text only; may be "" while a multi-byte character or a possible stop is held back
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str | None  # the adapter the request ran with (None: the base model)
+    adapter_version: int = 0  # that adapter's version (bumps on replace); 0 for the base model
+    stop_sequence: str | None = None  # the stop string that ended the text, for STOP_SEQUENCE
+    seed: int | None = None  # the sampling seed used (the drawn one when none was given); None if greedy
+
+
+GenerationEvent = TokenDelta | Finished
+
+
+class EventChannel:
+    """Engine thread -> one consumer, sync or asyncio. Ends with Finished, or with an error raised."""
+
+    def __init__(self, *, adapter: str | None = None, prompt_tokens: int = 0) -> None:
+        self.adapter = adapter  # the adapter the request runs with, resolved at admission (None: the base model)
+        self.prompt_tokens = prompt_tokens
+        self._sync: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async: asyncio.Queue[object] | None = None
+        self.cancelled = threading.Event()
+
+    def put(self, item: GenerationEvent | LoramuxError | BaseException) -> None:
+        with self._lock:
+            if self._loop is not None and self._async is not None:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            else:
+                self._sync.put(item)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves the batch within one decode step."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[GenerationEvent]:
+        while True:
+            item = self._sync.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+            if isinstance(item, Finished):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        with self._lock:  # switch delivery to the loop, keeping what already arrived
+            self._loop = asyncio.get_running_loop()
+            self._async = asyncio.Queue()
+            while not self._sync.empty():
+                self._async.put_nowait(self._sync.get())
+        while True:
+            item = await self._async.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+            if isinstance(item, Finished):
+                return
+
+
+def deliver(events: Sequence[tuple[EventChannel, GenerationEvent | BaseException]]) -> None:
+    """Put many channels' events at once, in order: one wakeup per consuming event loop instead of one per
+    event. A decode step makes an event for every row; waking the loop (and its thread) once per row steals
+    the engine's cores and stalls its OpenMP workers, most at large batches."""
+    per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]] = {}
+    for channel, item in events:
+        with channel._lock:
+            if channel._loop is not None and channel._async is not None:
+                per_loop.setdefault(channel._loop, []).append((channel._async, item))
+            else:
+                channel._sync.put(item)
+    for loop, items in per_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[object], object]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)

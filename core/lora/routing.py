@@ -1,0 +1,352 @@
+"""Per-row adapter routing: a plan kept in step with the batch as rows join and leave, applied by every wrapped module.
+
+A ``RoutingPlan`` says, for each wrapped module, how to add each row's LoRA delta. It is handed to a forward
+pass through a ContextVar (``use_plan``), never stored on the model: two threads (or tasks) can run forwards
+with different plans, and the plan is gone when the ``with`` block exits, even if the forward raised.
+
+The per-row math is the hot path of every decode step. bench/lora_routing.py measures gather-bmm against a
+loop over adapters (PEFT's mixed batch) and one wide masked matmul over stacked adapters; gather-bmm won in
+every case measured (BENCHMARKS.md), so two routes remain:
+- ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
+- ``GatheredLinear``: per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
+  compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
+  baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora
+
+
+class Route:
+    """How one wrapped module computes its output for the rows of a plan."""
+
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """The module's output for x; args/kwargs are the extra arguments of the base module's call."""
+        raise NotImplementedError
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        """In place: row dst takes row src's routing for each (dst, src) in moves, then keep the first
+        ``rows`` rows. Routes without per-row state need nothing."""
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    rows: int
+    routes: Mapping[str, Route]
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> RoutingPlan:
+        """The plan after rows left the batch (see ``swap_remove``): only the moved rows are copied, where a
+        rebuild would copy every row's stacks (115 ms at 64 distinct adapters). Updates the routes in place."""
+        for route in self.routes.values():
+            route.compact(moves, rows)
+        return RoutingPlan(rows=rows, routes=self.routes)
+
+
+def extend_plan(
+    plan: RoutingPlan, rows: Sequence[AdapterWeights | None], new: Sequence[AdapterWeights | None]
+) -> RoutingPlan:
+    """The plan after rows ``new`` join a batch routed by ``plan`` (whose rows are ``rows``). Gathered linear
+    routes append the new rows' slices in place; any other change (a uniform route turning mixed, a larger
+    rank, embeddings, modules_to_save) rebuilds that module's route."""
+    combined = [*rows, *new]
+    rebuilt = build_plan(combined, reuse=plan.routes, new_rows=new)
+    return RoutingPlan(rows=len(combined), routes=rebuilt.routes)
+
+
+def swap_remove(n: int, removed: set[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rows left a batch of n: (order, moves). order[i] is the old index of new row i; each hole below the new
+    size is filled by a surviving row from the tail (moves: (dst, src)), so the other rows stay where they are."""
+    kept = n - len(removed)
+    holes = [i for i in sorted(removed) if i < kept]
+    tail = [j for j in range(kept, n) if j not in removed]
+    moves = list(zip(holes, tail, strict=True))
+    order = list(range(kept))
+    for dst, src in moves:
+        order[dst] = src
+    return order, moves
+
+
+def _move_rows(t: Tensor, moves: Sequence[tuple[int, int]], rows: int) -> Tensor:
+    """t (N, ...): copy rows src -> dst (src >= rows > dst, so no overlap), keep the first rows (a view)."""
+    if moves:
+        dst = torch.tensor([d for d, _ in moves], device=t.device)
+        src = torch.tensor([s for _, s in moves], device=t.device)
+        with torch.no_grad():
+            t[dst] = t[src]
+    return t[:rows]
+
+
+_CURRENT_PLAN: ContextVar[RoutingPlan | None] = ContextVar("loramux_routing_plan", default=None)
+
+
+current_plan = _CURRENT_PLAN.get  # bound method: the cheapest lookup on the per-module hot path
+
+
+@contextmanager
+def use_plan(plan: RoutingPlan) -> Iterator[RoutingPlan]:
+    token = _CURRENT_PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _CURRENT_PLAN.reset(token)
+
+
+def _add_delta(out: Tensor, delta: Tensor) -> Tensor:
+    """PEFT: the delta is computed in the LoRA dtype, added (promoted), then cast once to the base dtype."""
+    return (out + delta).to(out.dtype)
+
+
+class UniformLinear(Route):
+    def __init__(self, lora: LinearLora) -> None:
+        self.At = lora.At  # (in, r)
+        self.Bt = lora.Bt * lora.scaling  # (r, out), scaling folded in
+        self.bias = lora.bias * lora.scaling if lora.bias is not None else None
+
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)  # (..., out)
+        h = torch.matmul(x.to(self.At.dtype), self.At)  # (..., r)
+        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
+            out2, h2 = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+            if out.requires_grad or not out.is_contiguous():
+                return torch.addmm(out2, h2, self.Bt).view(out.shape)
+            out2.addmm_(h2, self.Bt)  # in place into the fresh base output, as GatheredLinear
+            return out
+        return _add_delta(out, F.linear(h, self.Bt.T, self.bias))
+
+
+class GatheredLinear(Route):
+    """Rows without this module's LoRA get zero weights, which adds exactly 0.
+
+    The stacks live in buffers with spare capacity (doubling), so rows join by writing their own slices and
+    leave by moving the last rows into their places: neither copies the other rows.
+    """
+
+    def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
+        present = [lo for lo in row_loras if lo is not None]
+        self.r_max = max(lo.rank for lo in present)
+        self.dtype = _common_dtype([lo.At for lo in present])
+        self.has_bias = any(lo.bias is not None for lo in present)
+        self.n = 0
+        ref = present[0]
+        self._zero = LinearLora(
+            ref.At.new_zeros(ref.At.shape[0], self.r_max, dtype=self.dtype),
+            ref.Bt.new_zeros(self.r_max, ref.Bt.shape[1], dtype=self.dtype),
+            None,
+            0.0,
+        )
+        self._bufs: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self.append(row_loras)
+
+    def can_append(self, row_loras: Sequence[LinearLora | None]) -> bool:
+        present = [lo for lo in row_loras if lo is not None]
+        return all(
+            lo.rank <= self.r_max and lo.At.dtype == self.dtype and (lo.bias is None or self.has_bias) for lo in present
+        )
+
+    def append(self, row_loras: Sequence[LinearLora | None]) -> None:
+        """Rows join at the end (callers check can_append first)."""
+        rows = [_padded(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
+        k = len(rows)
+        scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.At.device)  # (k,)
+        # (k, in, r) and (k, r, out), LinearLora's own layout: plain copies, and contiguous bmm operands
+        # (measured faster than transposed views)
+        at = torch.stack([lo.At for lo in rows])  # (k, in, r_max)
+        bt = torch.stack([lo.Bt for lo in rows]).mul_(scaling[:, None, None])  # (k, r_max, out)
+        bias = None
+        if self.has_bias:
+            no_bias = self._zero.Bt.new_zeros(self._zero.Bt.shape[1])
+            biases = [lo.bias if lo.bias is not None else no_bias for lo in rows]
+            bias = (torch.stack(biases).to(self.dtype) * scaling[:, None]).unsqueeze(1)  # (k, 1, out)
+        self._reserve(self.n + k, like=(at, bt, bias))
+        assert self._bufs is not None
+        for buf, new in zip(self._bufs, (at, bt, bias), strict=True):
+            if buf is not None and new is not None:
+                buf[self.n : self.n + k] = new
+        self.n += k
+        self._refresh_views()
+
+    def _reserve(self, rows: int, *, like: tuple[Tensor, Tensor, Tensor | None]) -> None:
+        capacity = 0 if self._bufs is None else self._bufs[0].shape[0]
+        if rows <= capacity:
+            return
+        capacity = max(1 << (rows - 1).bit_length(), 2 * capacity)  # a power of two: joins seldom regrow
+        grown = tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)
+        if self._bufs is not None:
+            for old, buf in zip(self._bufs, grown, strict=True):
+                if old is not None and buf is not None:
+                    buf[: self.n] = old[: self.n]
+        self._bufs = grown  # type: ignore[assignment]
+
+    def _refresh_views(self) -> None:
+        assert self._bufs is not None
+        at, bt, bias = self._bufs
+        self.At, self.Bt = at[: self.n], bt[: self.n]  # (N, in, r_max), (N, r_max, out)
+        self.bias = bias[: self.n] if bias is not None else None  # (N, 1, out)
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        assert self._bufs is not None
+        for buf in self._bufs:
+            if buf is not None:
+                _move_rows(buf, moves, rows)
+        self.n = rows
+        self._refresh_views()
+
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)
+        if x.dim() == 3 and out.dim() == 3 and x.dtype is out.dtype is self.At.dtype and self.bias is None:
+            h = torch.bmm(x, self.At)  # the hot path: (N, T, r_max), no reshapes
+            if out.requires_grad:
+                return torch.baddbmm(out, h, self.Bt)
+            # in place into the base output (a fresh tensor): not allocating another (N, T, out) made the
+            # expand of 56 modules at 8 decode rows 0.35 ms instead of 0.46 ms
+            return out.baddbmm_(h, self.Bt)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (N, T, in)
+        h = torch.bmm(x3, self.At)  # (N, T, r_max)
+        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
+            return torch.baddbmm(out.reshape(h.shape[0], h.shape[1], -1), h, self.Bt).view(out.shape)
+        delta = torch.bmm(h, self.Bt) if self.bias is None else torch.baddbmm(self.bias, h, self.Bt)
+        return _add_delta(out, delta.reshape(*out.shape))
+
+
+class RoutedEmbedding(Route):
+    """Distinct adapters' A stacked once; each row looks up its own adapter's slice (slot 0 = zeros)."""
+
+    def __init__(self, row_loras: Sequence[EmbeddingLora | None]) -> None:
+        distinct = list({id(lo): lo for lo in row_loras if lo is not None}.values())
+        r_max = max(lo.A.shape[0] for lo in distinct)
+        dtype = _common_dtype(lo.A for lo in distinct)
+        zero_a = distinct[0].A.new_zeros(distinct[0].A.shape[1], r_max, dtype=dtype)
+        self.A_stack = torch.stack(
+            [zero_a] + [F.pad(lo.A.to(dtype), (0, 0, 0, r_max - lo.A.shape[0])).T for lo in distinct]
+        )  # (U+1, V, r_max)
+        slot_of = {id(lo): i + 1 for i, lo in enumerate(distinct)}
+        self.row_slot = torch.tensor([slot_of[id(lo)] if lo is not None else 0 for lo in row_loras])  # (N,)
+        self.row_slot = self.row_slot.to(zero_a.device)
+        d = distinct[0].B.shape[0]
+        self.Bt = torch.stack(
+            [
+                F.pad((lo.B * lo.scaling).to(dtype), (0, r_max - lo.B.shape[1])).T
+                if lo is not None
+                else zero_a.new_zeros(r_max, d)
+                for lo in row_loras
+            ]
+        )  # (N, r_max, d)
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        self.row_slot, self.Bt = _move_rows(self.row_slot, moves, rows), _move_rows(self.Bt, moves, rows)
+
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)  # (N, T, d)
+        ids = x.reshape(x.shape[0], -1)  # (N, T)
+        after_a = self.A_stack[self.row_slot[:, None], ids]  # (N, T, r_max)
+        delta = torch.bmm(after_a, self.Bt).reshape(*out.shape)
+        embed_scale = getattr(base_layer, "embed_scale", None)
+        if isinstance(embed_scale, Tensor | float):
+            delta = delta * embed_scale
+        return _add_delta(out, delta)
+
+
+class SavedModules(Route):
+    """modules_to_save: rows of an adapter with a copy run that copy; the others run the base module, or
+    ``fallback`` when other adapters in the batch put LoRA on this same module."""
+
+    def __init__(self, row_modules: Sequence[nn.Module | None], *, fallback: Route | None = None) -> None:
+        self.fallback = fallback
+        self._group(list(row_modules))
+
+    def _group(self, row_modules: list[nn.Module | None]) -> None:
+        self.row_modules = row_modules
+        self.uniform = row_modules[0] if all(m is row_modules[0] for m in row_modules) else None
+        distinct = {id(m): m for m in row_modules if m is not None}
+        self.groups = [
+            (torch.tensor([i for i, m in enumerate(row_modules) if m is mod], device=_device_of(mod)), mod)
+            for mod in distinct.values()
+        ]
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        row_modules = list(self.row_modules)
+        for dst, src in moves:
+            row_modules[dst] = row_modules[src]
+        self._group(row_modules[:rows])
+        if self.fallback is not None:
+            self.fallback.compact(moves, rows)
+
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        if self.uniform is not None:
+            return self.uniform(x, *args, **kwargs)
+        if self.fallback is not None:
+            out = self.fallback.forward(base_layer, x, args, kwargs)
+        else:
+            out = base_layer(x, *args, **kwargs)
+        for rows, module in self.groups:
+            copied = module(x.index_select(0, rows), *args, **kwargs)
+            out = out.index_copy(0, rows, copied.to(out.dtype))
+        return out
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _padded(lora: LinearLora, r_max: int, dtype: torch.dtype) -> LinearLora:
+    """Zero-pad the rank to r_max (zero rows of A / columns of B add exactly nothing)."""
+    pad = r_max - lora.rank
+    if pad == 0 and lora.At.dtype == dtype:
+        return lora
+    return LinearLora(
+        F.pad(lora.At.to(dtype), (0, pad)), F.pad(lora.Bt.to(dtype), (0, 0, 0, pad)), lora.bias, lora.scaling
+    )
+
+
+def _common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
+    dtype: torch.dtype | None = None
+    for t in tensors:
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    assert dtype is not None
+    return dtype
+
+
+def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
+    """Uniform when one adapter covers every row, else gather-bmm (fastest in bench/lora_routing.py)."""
+    first = row_loras[0]
+    if first is not None and all(lo is first for lo in row_loras):
+        return UniformLinear(first)
+    return GatheredLinear(row_loras)
+
+
+def build_plan(
+    rows: Sequence[AdapterWeights | None],
+    *,
+    reuse: Mapping[str, Route] | None = None,
+    new_rows: Sequence[AdapterWeights | None] = (),
+) -> RoutingPlan:
+    """One route per module that at least one row's adapter touches. rows[i] is row i's adapter (None: base).
+
+    reuse/new_rows (from extend_plan): rows ends with new_rows, and reuse holds the routes of the rows before
+    them; gathered linear routes there are extended in place instead of rebuilt."""
+    adapters = [a for a in rows if a is not None]
+    routes: dict[str, Route] = {}
+    for name in dict.fromkeys(n for a in adapters for n in a.linear):
+        old = (reuse or {}).get(name)
+        added = [a.linear.get(name) if a is not None else None for a in new_rows]
+        if isinstance(old, GatheredLinear) and old.can_append(added):
+            old.append(added)
+            routes[name] = old
+            continue
+        routes[name] = linear_route([a.linear.get(name) if a is not None else None for a in rows])
+    for name in dict.fromkeys(n for a in adapters for n in a.embedding):
+        routes[name] = RoutedEmbedding([a.embedding.get(name) if a is not None else None for a in rows])
+    for name in dict.fromkeys(n for a in adapters for n in a.saved_modules):
+        saved = [a.saved_modules.get(name) if a is not None else None for a in rows]
+        routes[name] = SavedModules(saved, fallback=routes.get(name))
+    return RoutingPlan(rows=len(rows), routes=routes)

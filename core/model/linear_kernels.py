@@ -1,0 +1,165 @@
+"""Which GEMM runs the model's linear layers when the engine decodes on CPU.
+
+PyTorch's CPU build sends an fp32 ``F.linear`` to MKL's sgemm. At the shapes of serving (a few to a few dozen
+rows against a wide weight) oneDNN's JIT kernels, which the same build ships and already uses for bf16, run
+the same product 1.4-3.4x faster on this project's AMD machine (MKL takes a generic path on AMD CPUs), and a
+whole decode step 1.5-1.7x faster (BENCHMARKS.md). Results agree with MKL's to fp32 rounding: both accumulate
+in fp32, in a different order.
+
+Each ``OneDnnLinear`` keeps its weight reordered once into oneDNN's blocked layout (``_reorder_linear_weight``):
+a plain weight is reordered on every call, which at decode shapes costs as much as the product itself (a model's
+linears stream 38 GB/s packed against 21 GB/s plain here). The packed copy costs one more copy of the linear
+weights' memory (so it is skipped, logged, when the copies would take more than half the memory this
+machine has available: a large model keeps oneDNN on its plain weights rather than running out); it is
+rebuilt when the weight changes (another tensor, or an in-place write such as
+``load_state_dict`` or ``copy_`` under ``no_grad``), and it is never pickled, deep-copied or saved. A write
+through ``weight.data`` bypasses the version counter and is not seen: it would leave the packed copy stale.
+
+``use_linear_kernel(model, LinearKernel.ONEDNN)`` turns each plain ``nn.Linear`` into a ``OneDnnLinear``: the
+same object, parameters and state_dict, only its class changes, so nothing that holds or indexes the module
+is disturbed.
+A ``OneDnnLinear`` is exactly ``nn.Linear`` whenever autograd is on (training through ``is_trainable``), or the
+input is not a CPU fp32/bf16 tensor of at least two dimensions.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class LinearKernel(enum.Enum):
+    """The GEMM behind the model's nn.Linear layers on CPU."""
+
+    ONEDNN = "onednn"  # oneDNN's JIT kernels, weights packed once (OneDnnLinear)
+    TORCH = "torch"  # torch's default: MKL's sgemm on x86, what transformers and PEFT run
+
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN picks the packed layout for about this many rows; 8 and 64 measured the same at every batch size
+_PACK_ROWS_HINT: Final = 32
+_PACKED: Final = "_onednn_packed"  # the __dict__ key of (weight key, packed weight)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # (..., in) @ (out, in).T + (out,) -> (..., out); weight plain or packed; "none": no fused post-op
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _pack(weight: Tensor) -> Tensor:
+    """weight (out, in) reordered into oneDNN's blocked layout: an opaque tensor only oneDNN ops can read."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+
+
+class OneDnnLinear(nn.Linear):
+    """nn.Linear whose inference forward on CPU runs oneDNN's GEMM (see the module docstring)."""
+
+    packs = True  # keep a packed copy of the weight; set False on an instance to run on the plain weight
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight = self.weight
+        if (
+            input.device.type == "cpu"
+            and input.dtype in _ONEDNN_DTYPES
+            and input.dtype == weight.dtype
+            and input.dim() >= 2
+            and input.numel() > 0
+            and not torch.is_grad_enabled()
+        ):
+            return _onednn_linear(input, self._packed_weight(weight) if self.packs else weight, self.bias)
+        return F.linear(input, weight, self.bias)
+
+    def prepack(self) -> None:
+        """Pack now (at startup) rather than in the first request's forward, when the weight is one oneDNN runs."""
+        weight = self.weight
+        if weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES:
+            with torch.no_grad():
+                self._packed_weight(weight)
+
+    def _packed_weight(self, weight: Tensor) -> Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype)  # _version: bumped by every in-place write
+        cached = self.__dict__.get(_PACKED)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[_PACKED] = (key, _pack(weight))
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the packed weight behind (opaque tensors can be neither), rebuilt on use
+        state = dict(self.__dict__)
+        state.pop(_PACKED, None)
+        return state
+
+
+def onednn_works() -> bool:
+    """Whether this torch build has oneDNN's linear and it computes what F.linear computes."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 8), (5, 8), (5,)))
+    try:
+        with torch.no_grad():
+            got = [_onednn_linear(x, weight, b) for weight in (w, _pack(w))]
+    except Exception:  # any failure of a private op means: do not use it
+        return False
+    want = F.linear(x, w, b)
+    return all(g.shape == (3, 5) and torch.allclose(g, want, rtol=1e-5, atol=1e-5) for g in got)
+
+
+def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
+    """Run the model's plain nn.Linear layers with ``kernel``; returns the kernel in use, TORCH when oneDNN is
+    asked for but this build lacks it (logged). Subclasses of nn.Linear are left alone."""
+    if not isinstance(kernel, LinearKernel):
+        raise TypeError(f"kernel must be a LinearKernel (got {kernel!r})")
+    if kernel is LinearKernel.ONEDNN and not onednn_works():
+        log.warning("oneDNN linear is not available in this torch build; using torch's default GEMM")
+        kernel = LinearKernel.TORCH
+    onednn = kernel is LinearKernel.ONEDNN
+    source, target = (nn.Linear, OneDnnLinear) if onednn else (OneDnnLinear, nn.Linear)
+    switched = [m for m in model.modules() if type(m) is source]
+    packs = onednn and _packed_copies_fit(switched)
+    for module in switched:
+        module.__class__ = target
+        module.__dict__.pop(_PACKED, None)  # a kernel change frees the packed copies
+        module.__dict__.pop("packs", None)
+        if isinstance(module, OneDnnLinear):
+            module.packs = packs
+            if packs:
+                module.prepack()
+    return kernel
+
+
+def _packed_copies_fit(modules: Sequence[nn.Module]) -> bool:
+    """Whether packed copies of these modules' CPU weights take at most half the memory available now."""
+    # one packed copy per module, even where modules share a weight
+    weights = [m.weight for m in modules if isinstance(m.weight, Tensor) and m.weight.device.type == "cpu"]
+    needed = sum(w.numel() * w.element_size() for w in weights)
+    available = available_memory_bytes()
+    if available is None or needed <= available // 2:
+        return True
+    log.warning(
+        "not packing linear weights for oneDNN: %.1f GB of copies against %.1f GB of available memory; "
+        "oneDNN runs on the plain weights",
+        needed / 1e9,
+        available / 1e9,
+    )
+    return False
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the value is in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -1,0 +1,111 @@
+"""GrowableCache: the same attention inputs as transformers' DynamicCache, without copying the cache each step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from loramux.core.model.kv_cache import MIN_SPARE, GrowableCache, GrowableLayer
+from tests.conftest import build_base, input_ids
+
+
+def decode(model, cache, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Prefill ids, then feed back the greedy token for ``steps`` steps; the logits of every forward."""
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        for _ in range(steps):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_decoding_matches_dynamic_cache(arch: str) -> None:
+    model = build_base(arch)
+    ids = input_ids(3, seq_len=5)
+    expected = decode(model, DynamicCache(), ids, steps=MIN_SPARE + 8)  # past the first regrowth
+    got = decode(model, GrowableCache(), ids, steps=MIN_SPARE + 8)  # past the first regrowth
+    for step, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6), f"step {step}"
+
+
+def test_steps_write_in_place_and_buffers_grow_rarely() -> None:
+    layer = GrowableLayer()
+    rows, heads, dim = 2, 3, 4
+    buffers = set()
+    written = []
+    for step in range(100):
+        new = torch.full((rows, heads, 1, dim), float(step))
+        keys, values = layer.update(new, -new)
+        written.append(float(step))
+        buffers.add(keys.data_ptr())
+        assert keys.shape == (rows, heads, step + 1, dim)
+        assert keys[0, 0, :, 0].tolist() == written and values[1, 2, :, 3].tolist() == [-w for w in written]
+    assert len(buffers) <= 4  # 100 tokens: a handful of regrowths, not one copy per step
+
+
+def test_replaced_keys_are_adopted_at_the_next_update() -> None:
+    """kv_batch replaces keys/values when rows join or leave; the next update must build on the new tensors."""
+    layer = GrowableLayer()
+    layer.update(torch.arange(2 * 4.0).view(2, 1, 4, 1), torch.zeros(2, 1, 4, 1))
+    layer.keys, layer.values = layer.keys[1:, :, 2:], layer.values[1:, :, 2:]  # keep row 1, drop two columns
+
+    keys, _ = layer.update(torch.full((1, 1, 1, 1), 9.0), torch.ones(1, 1, 1, 1))
+
+    assert keys[0, 0, :, 0].tolist() == [6.0, 7.0, 9.0]
+
+
+def test_crop_then_update_overwrites_the_dropped_tokens() -> None:
+    layer = GrowableLayer()
+    layer.update(torch.arange(5.0).view(1, 1, 5, 1), torch.zeros(1, 1, 5, 1))
+    layer.crop(-2)
+    keys, _ = layer.update(torch.full((1, 1, 1, 1), 7.0), torch.zeros(1, 1, 1, 1))
+    assert keys[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
+
+
+def layer_with(keys: torch.Tensor) -> GrowableLayer:
+    layer = GrowableLayer()
+    layer.update(keys, -keys)
+    return layer
+
+
+def rows_of(n: int, length: int) -> torch.Tensor:
+    """(n, 1, length, 1): row i holds i*100 + column."""
+    return (torch.arange(n).view(n, 1, 1, 1) * 100 + torch.arange(length).view(1, 1, length, 1)).float()
+
+
+def test_rows_leave_in_place_copying_only_the_moved_rows() -> None:
+    layer = layer_with(rows_of(5, 4))
+    buffer = layer.keys.data_ptr()
+    assert layer.keep_rows([(1, 4)], rows=3, drop_front=1)  # rows 1 and 3 left: row 4 fills hole 1
+    assert layer.keys.data_ptr() != buffer  # a view one column further on
+    assert layer.keys[:, 0, :, 0].tolist() == [[1, 2, 3], [401, 402, 403], [201, 202, 203]]
+    assert torch.equal(layer.values, -layer.keys)
+    keys, _ = layer.update(torch.full((3, 1, 1, 1), 9.0), torch.zeros(3, 1, 1, 1))
+    assert keys[:, 0, :, 0].tolist() == [[1, 2, 3, 9], [401, 402, 403, 9], [201, 202, 203, 9]]
+
+
+def test_overlapping_moves_are_refused() -> None:
+    layer = layer_with(rows_of(3, 2))
+    assert not layer.keep_rows([(0, 1), (1, 0)], rows=2, drop_front=0)  # a swap would clobber row 0
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 1], [100, 101], [200, 201]]
+
+
+def test_select_rows_in_any_order_and_merge_left_pads_with_zeros() -> None:
+    from loramux.core.model.kv_batch import merge, select_rows
+
+    cache_a, cache_b = GrowableCache(), GrowableCache()
+    cache_a.update(rows_of(3, 2), -rows_of(3, 2), 0)
+    cache_b.update(rows_of(1, 4) + 1000, -rows_of(1, 4), 0)
+    mask = merge(cache_a, torch.ones(3, 2, dtype=torch.long), cache_b, torch.ones(1, 4, dtype=torch.long))
+    keys = cache_a.layers[0].keys
+    assert mask.tolist() == [[0, 0, 1, 1]] * 3 + [[1, 1, 1, 1]]
+    assert keys[:, 0, :, 0].tolist() == [[0, 0, 0, 1], [0, 0, 100, 101], [0, 0, 200, 201], [1000, 1001, 1002, 1003]]
+    grown, _ = cache_a.update(torch.zeros(4, 1, 1, 1), torch.zeros(4, 1, 1, 1), 0)
+    assert grown.data_ptr() == keys.data_ptr()  # merged with room to grow: no copy at the next step
+    mask = select_rows(cache_a, torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1), [2, 0])  # any order
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 1]]  # the long row left: its two leading columns too
+    assert cache_a.layers[0].keys[:, 0, :, 0].tolist() == [[200, 201, 0], [0, 1, 0]]
