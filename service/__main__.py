@@ -31,6 +31,7 @@ from loramux.service.config import (
 )
 from loramux.service.logs import LOG_FORMATS, configure_logging
 from loramux.service.server import serve
+from loramux.service.sizes import parse_size
 
 _ENGINE, _NET = EngineConfig(), NetworkConfig()
 _ENGINE_FLAGS = (  # EngineConfig field, help
@@ -56,6 +57,16 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte (got {text!r})")
     return value
 
 
@@ -93,19 +104,31 @@ def _adapter_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--adapter", type=_adapter, action="append", default=[], metavar="NAME=SOURCE", help=preload)
     g.add_argument("--default-adapter", metavar="NAME", help="default adapter (default: the bare base model)")
     g.add_argument("--max-adapters", type=_positive_int, default=64, help="resident adapters at most (default 64)")
+    g.add_argument(
+        "--max-adapter-memory",
+        type=_size,
+        metavar="SIZE",
+        help="bytes of resident adapters at most, e.g. 2GiB (default: no limit but --max-adapters)",
+    )
+    g.add_argument(
+        "--load-on-demand",
+        action="store_true",
+        help="a Generate naming an unregistered adapter loads it: the folder NAME under each --adapter-root, "
+        "then (unless --no-hub-adapters) the Hub repo NAME",
+    )
     g.add_argument("--max-rank", type=_positive_int, default=256, help="largest LoRA rank accepted (default 256)")
     g.add_argument(
         "--adapter-root",
         action="append",
         metavar="DIR",
         help="LoadAdapter may read local folders only inside DIR (repeatable; default: any folder); "
-        "--adapter preloads are not restricted",
+        "--adapter preloads are not restricted; with --load-on-demand, where unregistered names are looked for",
     )
     g.add_argument(
         "--no-hub-adapters",
         dest="allow_hub_adapters",
         action="store_false",
-        help="refuse LoadAdapter from the Hugging Face Hub (PERMISSION_DENIED)",
+        help="refuse adapters from the Hugging Face Hub: LoadAdapter (PERMISSION_DENIED) and load on demand",
     )
 
 
@@ -187,6 +210,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"adapter names given more than once: {', '.join(duplicates)}")
+    if args.load_on_demand and not args.adapter_root and not args.allow_hub_adapters:
+        raise ValueError("--load-on-demand needs an --adapter-root or Hub adapters (it has neither to look in)")
     if args.default_adapter and args.default_adapter not in names:
         raise ValueError(f"--default-adapter {args.default_adapter!r} is not among the preloaded adapters {names}")
     token = environ.get("HF_TOKEN") or None
@@ -220,6 +245,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         adapters=tuple(adapters),
         default_adapter=args.default_adapter,
         max_adapters=args.max_adapters,
+        max_adapter_bytes=args.max_adapter_memory,
+        load_on_demand=args.load_on_demand,
         max_rank=args.max_rank,
         hub_token=token,
         hub_cache_dir=args.hub_cache_dir,

@@ -84,6 +84,8 @@ class ServiceConfig:
     adapters: tuple[AdapterPreload, ...] = ()  # preloaded and pinned, in order
     default_adapter: str | None = None  # None: the bare base model
     max_adapters: int = 64  # AdapterManager: resident adapters at most (LRU eviction beyond)
+    max_adapter_bytes: int | None = None  # AdapterManager: bytes of resident adapters at most; None: no limit
+    load_on_demand: bool = False  # Generate may name unregistered adapters: ROOT/NAME, then the Hub
     max_rank: int = 256  # AdapterManager: adapters of a larger rank are refused
     hub_token: str | None = field(default=None, repr=False)  # for Hub adapter loads (HF_TOKEN)
     hub_cache_dir: str | None = None
@@ -93,13 +95,14 @@ class ServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on network.host; None: off, 0: a free port
     auth_tokens: BearerTokens | None = None  # None: no authorization (service/auth.py)
     adapter_roots: tuple[str, ...] | None = None  # LoadAdapter: local folders only inside these; None: any
-    allow_hub_adapters: bool = True  # LoadAdapter: Hub repos allowed
+    allow_hub_adapters: bool = True  # LoadAdapter and load on demand: Hub repos allowed
 
     def limits(self) -> dict[str, int]:
         """The configured limits by their API name (ErrorInfo metadata ``limit`` / ``limitValue``)."""
         e = self.engine
         return {
             "maxAdapters": self.max_adapters,
+            **({"maxAdapterMemory": self.max_adapter_bytes} if self.max_adapter_bytes is not None else {}),
             "maxConcurrentGenerations": e.max_batch_rows,
             "maxQueuedGenerations": e.max_queued,
             "maxPromptTokens": e.max_prompt_tokens,

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loramux.core import AdapterSelection, Finished, FinishReason, GenerationEvent, GenerationRequest, SamplingParams
-from loramux.core.adapters.adapter import AdapterInfo, LoadResult
+from loramux.core.adapters.adapter import AdapterInfo, AdapterState, LoadResult
 from loramux.core.adapters.names import validate_adapter_name
 from loramux.core.adapters.sources import SourceKind
 from loramux.core.errors import InvalidArgumentError
@@ -36,6 +36,11 @@ _FINISH_REASONS = {
     FinishReason.LENGTH: gpb.FINISH_REASON_LENGTH,
 }
 _SOURCE_KINDS = {SourceKind.LOCAL: apb.ADAPTER_SOURCE_KIND_LOCAL, SourceKind.HUB: apb.ADAPTER_SOURCE_KIND_HUB}
+_STATES = {
+    AdapterState.RESIDENT: apb.ADAPTER_STATE_RESIDENT,
+    AdapterState.LOADING: apb.ADAPTER_STATE_LOADING,
+    AdapterState.NOT_RESIDENT: apb.ADAPTER_STATE_NOT_RESIDENT,
+}
 
 
 def _invalid(field: str, message: str) -> InvalidArgumentError:
@@ -181,6 +186,9 @@ def adapter(info: AdapterInfo) -> apb.Adapter:
         pinned=info.pinned,
         version=info.version,
         loaded_at=_timestamp(info.loaded_at),
+        state=_STATES[info.state],
+        requests_served=info.requests_served,
+        on_demand=info.on_demand,
     )
     if info.last_used is not None:
         pb.last_used.CopyFrom(_timestamp(info.last_used))

@@ -5,13 +5,15 @@ Three sources, one registry per server (never the process-global one, so servers
 * every finished RPC, through ``request_finished`` (the rpc.unary / rpc.streaming wrappers call it with
   the RPC's CallLog): requests by rpc, adapter and status, durations, tokens, time to first token and
   inter-token latency;
-* the adapter manager's observer (``adapter_event``): loads, replacements, unloads, evictions, load latency;
+* the adapter manager's observer (``adapter_event``): loads (on demand among them), reloads after eviction,
+  replacements, unloads, evictions by cause, load latency;
 * a collector read at scrape time (``_StateCollector``): queue depth, running batch size, decode steps,
-  resident adapters and their bytes, and ``loramux_lora_requests_info``, the gauge in vLLM's label format
-  (max_lora, running_lora_adapters, waiting_lora_adapters; value: the Unix time of the scrape) that gateway
-  routers (Gateway API Inference Extension) read for adapter affinity.
+  registered and resident adapters, their bytes against the budget, resident hits and misses, requests
+  waiting for an adapter load or for room in the budget, and ``loramux_lora_requests_info``, the gauge in
+  vLLM's label format (max_lora, running_lora_adapters, waiting_lora_adapters; value: the Unix time of the
+  scrape) that gateway routers (Gateway API Inference Extension) read for adapter affinity.
 
-Adapter labels are bounded: a name is used only once it was resident in this server; a request naming any
+Adapter labels are bounded: a name is used only once it was registered in this server; a request naming any
 other adapter (a typo, a failed load) is labelled ``(other)``. The bare base model, and RPCs about no
 adapter, have the empty label.
 """
@@ -28,7 +30,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loramux.core import Engine, EngineLoad
-from loramux.core.adapters.adapter import AdapterEvent, AdapterEventKind
+from loramux.core.adapters.adapter import AdapterEvent, AdapterEventKind, AdapterInfo, AdapterState
+from loramux.core.adapters.claims import ClaimStats
+from loramux.core.adapters.manager import AdapterManager
 from loramux.service.calls import CallLog
 
 log = logging.getLogger("loramux.service")
@@ -77,9 +81,26 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=reg,
         )
-        self.loads = Counter("loramux_adapter_loads", "Adapters loaded (replacements included)", registry=reg)
+        self.loads = Counter(
+            "loramux_adapter_loads",
+            "Adapters registered and loaded (replacements, loads on demand included)",
+            registry=reg,
+        )
+        self.on_demand_loads = Counter(
+            "loramux_adapter_on_demand_loads",
+            "Adapters registered by a request naming them (load on demand)",
+            registry=reg,
+        )
+        self.reloads = Counter(
+            "loramux_adapter_reloads", "Registered adapters loaded again after an eviction", registry=reg
+        )
         self.unloads = Counter("loramux_adapter_unloads", "Adapters unloaded on request", registry=reg)
-        self.evictions = Counter("loramux_adapter_evictions", "Adapters evicted to make room (LRU)", registry=reg)
+        self.evictions = Counter(
+            "loramux_adapter_evictions",
+            "Adapters evicted to make room (least recently used, unused), by the budget that needed it",
+            ("cause",),
+            registry=reg,
+        )
         self.load_seconds = Histogram(
             "loramux_adapter_load_seconds",
             "Adapter load latency (fetch, validate, build, commit)",
@@ -132,11 +153,16 @@ class Metrics:
         if event.kind in (AdapterEventKind.LOAD, AdapterEventKind.REPLACE):
             self._known.add(event.name)
             self.loads.inc()
-            self.load_seconds.observe(event.seconds)
+            if event.on_demand:
+                self.on_demand_loads.inc()
+        elif event.kind is AdapterEventKind.RELOAD:
+            self.reloads.inc()
         elif event.kind is AdapterEventKind.UNLOAD:
             self.unloads.inc()
         elif event.kind is AdapterEventKind.EVICT:
-            self.evictions.inc()
+            self.evictions.labels(event.cause.value if event.cause is not None else "").inc()
+        if event.kind in (AdapterEventKind.LOAD, AdapterEventKind.REPLACE, AdapterEventKind.RELOAD):
+            self.load_seconds.observe(event.seconds)
 
     def adapter_label(self, name: str | None) -> str:
         if not name:
@@ -153,7 +179,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         metrics, engine = self._metrics, self._metrics.engine
         load = engine.load() if engine is not None else _IDLE
-        adapters = engine.manager.list_adapters() if engine is not None else []
+        adapters = engine.manager.list_adapters(state=AdapterState.RESIDENT) if engine is not None else []
         yield GaugeMetricFamily(
             "loramux_num_requests_waiting", "Generate requests queued for a batch row (queue depth)", value=load.waiting
         )
@@ -176,19 +202,56 @@ class _StateCollector(Collector):
             "Rows x columns of the left-padded KV cache each decode step attends over (vs kv_cache_tokens: padding)",
             value=load.kv_cache_padded_tokens,
         )
-        yield GaugeMetricFamily("loramux_adapters_resident", "Adapters resident in memory", value=len(adapters))
-        yield GaugeMetricFamily("loramux_adapters_max", "Resident adapters at most", value=metrics.max_adapters)
-        total = sum(info.size_bytes for info in adapters)
-        yield GaugeMetricFamily("loramux_adapters_resident_bytes", "Bytes of all resident adapters", value=total)
-        per_adapter = GaugeMetricFamily("loramux_adapter_bytes", "Bytes of each resident adapter", labels=("adapter",))
-        for info in adapters:
-            per_adapter.add_metric((info.name,), info.size_bytes)
-        yield per_adapter
+        yield from _adapter_families(engine.manager if engine is not None else None, adapters)
         info_family = GaugeMetricFamily(
             "loramux_lora_requests_info",
             "Adapters of running and waiting requests (vLLM's lora_requests_info labels); value: Unix time",
             labels=("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
         )
         running, waiting = ",".join(sorted(load.running_adapters)), ",".join(sorted(load.waiting_adapters))
-        info_family.add_metric((str(metrics.max_adapters), running, waiting), time.time())
+        max_lora = engine.manager.max_adapters if engine is not None else metrics.max_adapters
+        info_family.add_metric((str(max_lora), running, waiting), time.time())
         yield info_family
+
+
+def _adapter_families(manager: AdapterManager | None, resident: list[AdapterInfo]) -> Iterator[Metric]:
+    """The adapters: registered and resident, bytes against the budget, hits and misses, waiting requests."""
+    stats = manager.stats if manager is not None else ClaimStats()
+    loading, budget = manager.waiting() if manager is not None else (0, 0)
+    registered = len(manager.list_adapters()) if manager is not None else 0
+    yield GaugeMetricFamily("loramux_adapters_registered", "Adapters registered, resident or not", value=registered)
+    yield GaugeMetricFamily("loramux_adapters_resident", "Adapters resident in memory", value=len(resident))
+    max_count = manager.max_adapters if manager is not None else 0
+    yield GaugeMetricFamily("loramux_adapters_max", "Resident adapters at most (--max-adapters)", value=max_count)
+    held = manager.resident_bytes if manager is not None else 0
+    yield GaugeMetricFamily(
+        "loramux_adapters_resident_bytes",
+        "Bytes of adapter weights in memory (resident ones, and unloaded ones that running requests still use)",
+        value=held,
+    )
+    max_bytes = manager.max_adapter_bytes if manager is not None else None
+    yield GaugeMetricFamily(
+        "loramux_adapters_max_bytes",
+        "Resident adapter bytes at most (--max-adapter-memory; 0: no limit)",
+        value=max_bytes or 0,
+    )
+    per_adapter = GaugeMetricFamily("loramux_adapter_bytes", "Bytes of each resident adapter", labels=("adapter",))
+    for info in resident:
+        per_adapter.add_metric((info.name,), info.size_bytes)
+    yield per_adapter
+    yield CounterMetricFamily(
+        "loramux_adapter_resident_hits",
+        "Generate requests whose adapter was resident when they arrived",
+        value=stats.hits,
+    )
+    yield CounterMetricFamily(
+        "loramux_adapter_resident_misses", "Generate requests that waited for their adapter to load", value=stats.misses
+    )
+    yield GaugeMetricFamily(
+        "loramux_num_requests_waiting_adapter_load", "Generate requests waiting for their adapter's load", value=loading
+    )
+    yield GaugeMetricFamily(
+        "loramux_num_requests_waiting_adapter_budget",
+        "Generate requests whose adapter is loaded and waits for room in the adapter budget (adapters in use)",
+        value=budget,
+    )

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from loramux.core import AdapterManager, AdapterSelection, Engine, EventChannel, GenerationRequest
 from loramux.core.adapters.adapter import AdapterEvent, AdapterInfo, LoadResult
+from loramux.core.adapters.on_demand import OnDemand
 from loramux.core.adapters.sources import restricted_sources
 from loramux.core.errors import AdapterNotFoundError, ShuttingDownError
 from loramux.core.model.loader import load_base_model
@@ -181,7 +182,14 @@ def build_engine(config: ServiceConfig, *, observer: Callable[[AdapterEvent], No
     """Load the base model, preload (pinned) adapters, set the default, warm up. Blocking: call off the loop.
     ``observer`` is told of every adapter change from the first preload on (the metrics)."""
     model, tokenizer = load_base_model(config.model)
-    manager = AdapterManager(model, max_adapters=config.max_adapters, max_rank=config.max_rank, observer=observer)
+    manager = AdapterManager(
+        model,
+        max_adapters=config.max_adapters,
+        max_adapter_bytes=config.max_adapter_bytes,
+        max_rank=config.max_rank,
+        on_demand=on_demand(config),
+        observer=observer,
+    )
     for preload in config.adapters:
         log.info("loading adapter %s from %s", preload.name, preload.source)
         manager.load_adapter(
@@ -193,6 +201,16 @@ def build_engine(config: ServiceConfig, *, observer: Callable[[AdapterEvent], No
     if config.warm_up:
         warm_up(engine)
     return engine
+
+
+def on_demand(config: ServiceConfig) -> OnDemand | None:
+    """Where Generate looks for adapters nobody registered (--load-on-demand): the adapter roots, then the Hub."""
+    if not config.load_on_demand:
+        return None
+    roots = [Path(r) for r in config.adapter_roots or ()]
+    return OnDemand(
+        roots=roots, allow_hub=config.allow_hub_adapters, token=config.hub_token, cache_dir=config.hub_cache_dir
+    )
 
 
 def warm_up(engine: Engine) -> None:

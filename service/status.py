@@ -61,6 +61,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 # CapacityExceededError.field (as core sets it) -> the limit's API name (ErrorInfo metadata "limit").
 LIMIT_NAMES = {
     "max_adapters": "maxAdapters",
+    "max_adapter_memory": "maxAdapterMemory",
     "queue": "maxQueuedGenerations",
     "input": "maxPromptTokens",
     "stopping.max_new_tokens": "maxTotalTokens",

@@ -55,6 +55,13 @@ class AdapterFiles:
     source: SourceKind  # which kind of source resolved it
     resolved_revision: str | None = None  # Hub commit sha, when known
 
+    @property
+    def fingerprint(self) -> tuple:
+        """What changes when the files do: the Hub commit, and each file's size and modification time. A reload
+        of an evicted adapter compares it with the last load's to tell an unchanged adapter from a new one."""
+        stats = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (self.config, self.weights)]
+        return (self.resolved_revision, *stats)
+
 
 class AdapterSource(ABC):
     """Resolves an AdapterLocation to local files, or says it does not handle that kind of location."""

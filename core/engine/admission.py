@@ -1,7 +1,9 @@
-"""Admitting a generation request: tokenize, check every limit, resolve the adapter, before it is queued.
+"""Admitting a generation request: tokenize, check every limit, claim the adapter, before it is queued.
 
 This runs on the caller's thread (``Engine.submit``): bad input fails at submission with a typed error naming
-the field, never later inside the batch, and nothing is queued for a request that cannot run.
+the field, never later inside the batch, and nothing is queued for a request that cannot run. The adapter is
+claimed last (a lease on a resident adapter, or a place in the load of one that is not; see
+loramux.core.adapters.claims), so a request refused here holds nothing.
 """
 
 from __future__ import annotations
@@ -10,25 +12,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramux.core.adapters.adapter import LoadedAdapter
+from loramux.core.adapters.claims import Claim
 from loramux.core.adapters.manager import AdapterManager
 from loramux.core.engine.config import EngineConfig
 from loramux.core.engine.requests import AdapterSelection, EventChannel, FinishReason, GenerationRequest
 from loramux.core.engine.sampling import RowSampler
 from loramux.core.engine.text_stream import TextStream
-from loramux.core.errors import CapacityExceededError, InvalidArgumentError
+from loramux.core.errors import CapacityExceededError, InvalidArgumentError, LoramuxError
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     """A request admitted to the engine, and its progress once it runs (engine thread only)."""
 
     request: GenerationRequest
     channel: EventChannel
-    adapter: LoadedAdapter | None
+    adapter_name: str | None  # what it runs with (None: the base model), resolved at admission
+    claim: Claim  # on that adapter: given back (AdapterManager.release) when the row leaves, whatever happens
     prompt_ids: list[int]
     max_new_tokens: int
     sampler: RowSampler
     text: TextStream
+    adapter: LoadedAdapter | None = None  # once its claim is settled (before it joins the batch)
+    error: LoramuxError | None = None  # why it could not start (its adapter failed to load)
     generated: int = 0
     last_token: int = -1
     finish: FinishReason | None = None
@@ -61,23 +67,27 @@ class Admission:
                 f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds {cfg.max_total_tokens} tokens",
                 field="stopping.max_new_tokens",
             )
-        adapter = self._resolve_adapter(request.adapter)
+        sampler = RowSampler(request.sampling, prompt_ids=prompt_ids)
+        text = TextStream(self.tokenizer, stops=request.stop)
+        claim, name = self._claim(request.adapter)
         return Row(
             request=request,
-            channel=EventChannel(adapter=adapter.name if adapter is not None else None, prompt_tokens=len(prompt_ids)),
-            adapter=adapter,
+            channel=EventChannel(adapter=name, prompt_tokens=len(prompt_ids)),
+            adapter_name=name,
+            claim=claim,
+            adapter=claim.adapter,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
-            sampler=RowSampler(request.sampling, prompt_ids=prompt_ids),
-            text=TextStream(self.tokenizer, stops=request.stop),
+            sampler=sampler,
+            text=text,
         )
 
-    def _resolve_adapter(self, choice: str | AdapterSelection) -> LoadedAdapter | None:
+    def _claim(self, choice: str | AdapterSelection) -> tuple[Claim, str | None]:
         if choice is AdapterSelection.BASE:
-            return None
-        if choice is AdapterSelection.DEFAULT:
-            return self.manager.resolve_default()
-        return self.manager.acquire(choice)
+            return Claim(), None
+        claim = self.manager.claim_default() if choice is AdapterSelection.DEFAULT else self.manager.claim(choice)
+        job = claim.job
+        return claim, claim.adapter.name if claim.adapter is not None else job.name if job is not None else None
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         prompt = request.prompt

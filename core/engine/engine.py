@@ -26,9 +26,10 @@ from loramux.core.adapters.manager import AdapterManager
 from loramux.core.engine.admission import Admission, Row
 from loramux.core.engine.chunked_prefill import ChunkedPrefill
 from loramux.core.engine.config import EngineConfig
-from loramux.core.engine.requests import EventChannel, Finished, FinishReason, GenerationRequest, TokenDelta, deliver
+from loramux.core.engine.outputs import accept_token, finished_event
+from loramux.core.engine.requests import EventChannel, GenerationRequest, deliver
 from loramux.core.engine.sampling import sample_next_tokens
-from loramux.core.engine.scheduler import Scheduler, StepAdmission
+from loramux.core.engine.scheduler import Readiness, Scheduler, StepAdmission
 from loramux.core.errors import (
     CapacityExceededError,
     EngineFailure,
@@ -90,9 +91,11 @@ class Engine:
             prefill_tokens=config.max_prefill_tokens,
             chunk_tokens=config.prefill_chunk_tokens,
             prompt_len=lambda row: len(row.prompt_ids),
-            cancelled=lambda row: row.channel.cancelled.is_set(),
+            state=self._readiness,
+            key=lambda row: row.adapter_name,
         )
         self._wakeup = threading.Condition()  # guards the scheduler's queue and _stop_requested
+        manager.add_load_listener(self._wake)  # a finished adapter load may let waiting requests start
         self._stop_requested = False
         self._accepting = True
         self._rows: list[Row] = []
@@ -115,14 +118,25 @@ class Engine:
         if not self._accepting:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         row = self._admission.admit(request)
-        with self._wakeup:
-            if self._stop_requested:
-                raise ShuttingDownError("the server is shutting down and accepts no new requests")
-            if len(self._scheduler) >= self.config.max_queued:
-                raise CapacityExceededError(f"the queue holds {self.config.max_queued} requests already", field="queue")
-            self._scheduler.add(row)
-            self._wakeup.notify()
+        try:
+            with self._wakeup:
+                if self._stop_requested:
+                    raise ShuttingDownError("the server is shutting down and accepts no new requests")
+                if len(self._scheduler) >= self.config.max_queued:
+                    raise CapacityExceededError(
+                        f"the queue holds {self.config.max_queued} requests already", field="queue"
+                    )
+                self._scheduler.add(row)
+                row.channel.on_cancel = self._wake  # a cancelled waiting request leaves (and lets go) promptly
+                self._wakeup.notify()
+        except BaseException:
+            self.manager.release(row.claim)
+            raise
         return row.channel
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
 
     @property
     def running_rows(self) -> int:
@@ -151,7 +165,7 @@ class Engine:
             running=len(rows),
             waiting=len(waiting),
             running_adapters=frozenset(r.adapter.name for r in rows if r.adapter is not None),
-            waiting_adapters=frozenset(r.adapter.name for r in waiting if r.adapter is not None),
+            waiting_adapters=frozenset(r.adapter_name for r in waiting if r.adapter_name is not None),
             steps=self.steps,
             kv_cache_bytes=cache.allocated_bytes() if cache is not None else 0,
             kv_cache_tokens=sum(len(r.prompt_ids) + r.generated - 1 for r in rows),  # the newest token: next step
@@ -168,6 +182,7 @@ class Engine:
             self._stop_requested = True
             self._wakeup.notify()
         self._thread.join(timeout)
+        self.manager.remove_load_listener(self._wake)
 
     # -- engine thread --------------------------------------------------------------------------------
 
@@ -197,17 +212,41 @@ class Engine:
         self._drain_queue()
 
     def _next_step(self) -> StepAdmission[Row] | None:
-        """What joins the batch now; waits for work while there is none. None once asked to stop."""
+        """What joins the batch now; waits while nothing runs and nothing can start. None once asked to stop."""
         with self._wakeup:
-            while not self._stop_requested and not self._rows and self._chunking is None and not self._scheduler:
-                self._wakeup.wait()
-            if self._stop_requested:
-                return None
-            return self._scheduler.next_step(running=len(self._rows), chunking=self._chunking is not None)
+            while not self._stop_requested:
+                step = self._scheduler.next_step(running=len(self._rows), chunking=self._chunking is not None)
+                if not step.empty or self._rows or self._chunking is not None:
+                    return step
+                # idle: woken by a submit, a cancel, a finished adapter load or close (re-checked each second)
+                self._wakeup.wait(timeout=1.0)
+            return None
+
+    def _readiness(self, row: Row) -> Readiness:
+        """The scheduler's view of a waiting row: its adapter settled (READY), loading (WAIT), or DROP."""
+        if row.channel.cancelled.is_set():
+            return Readiness.DROP
+        if row.adapter is not None and self.manager.requeue_if_draining(row.claim):
+            row.adapter = None  # it waits for its adapter to come back
+        if not row.claim.ready:
+            return Readiness.WAIT
+        if row.adapter is None and row.claim.job is not None:
+            try:
+                row.adapter = self.manager.settle(row.claim)
+            except LoramuxError as exc:  # its adapter failed to load: the row ends with that error
+                row.error = exc
+                return Readiness.DROP
+        return Readiness.READY
+
+    def _leave(self, row: Row, error: BaseException | None = None) -> None:
+        """The row is done with the engine: its error (if any) goes to its caller, its claim back."""
+        if error is not None:
+            row.channel.put(error)
+        self.manager.release(row.claim)
 
     def _start(self, step: StepAdmission[Row]) -> None:
-        for row in step.cancelled:
-            row.channel.put(RequestCancelledError("the request was cancelled before it started"))
+        for row in step.dropped:
+            self._leave(row, row.error or RequestCancelledError("the request was cancelled before it started"))
         if step.chunked is not None:
             self._chunking = ChunkedPrefill(step.chunked, plan=self.manager.plan([step.chunked.adapter]))
         if not step.prefill:
@@ -218,8 +257,11 @@ class Engine:
         except Exception:
             log.exception("prefill failed")
             for row in step.prefill:
-                row.channel.put(EngineFailure("generation failed inside the engine"))
-                row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
+                if row in self._rows:  # it joined before the failure: it leaves at the next step
+                    row.channel.put(EngineFailure("generation failed inside the engine"))
+                    row.channel.cancel()
+                else:
+                    self._leave(row, EngineFailure("generation failed inside the engine"))
 
     def _prefill(self, new: list[Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
@@ -241,7 +283,7 @@ class Engine:
         assert job is not None
         if job.row.channel.cancelled.is_set():
             self._chunking = None
-            job.row.channel.put(RequestCancelledError("the request was cancelled"))
+            self._leave(job.row, RequestCancelledError("the request was cancelled"))
             return
         try:
             with torch.no_grad():
@@ -252,8 +294,11 @@ class Engine:
         except Exception:
             log.exception("chunked prefill failed")
             self._chunking = None
-            job.row.channel.put(EngineFailure("generation failed inside the engine"))
-            job.row.channel.cancel()  # if it joined the batch before the failure, it leaves at the next step
+            if job.row in self._rows:  # it joined before the failure: it leaves at the next step
+                job.row.channel.put(EngineFailure("generation failed inside the engine"))
+                job.row.channel.cancel()
+            else:
+                self._leave(job.row, EngineFailure("generation failed inside the engine"))
 
     def _join(self, new: list[Row], cache: GrowableCache, mask: Tensor, plan: RoutingPlan, logits: Tensor) -> None:
         """Prefilled rows (their cache, mask (N, S), plan and last logits (N, V)) join the decode batch."""
@@ -293,25 +338,11 @@ class Engine:
     def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
         """Sample one token per row (N, V) -> events; marks rows that finished."""
         tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
-        events: list[tuple[EventChannel, TokenDelta]] = []
-        for row, token in zip(rows, tokens, strict=True):
-            row.last_token = token
-            row.generated += 1
-            is_eos = token in self._eos and not row.request.ignore_eos
-            delta, stopped = row.text.push(token) if not is_eos else ("", False)
-            if stopped:
-                row.finish = FinishReason.STOP_SEQUENCE
-            elif is_eos:
-                row.finish = FinishReason.EOS
-            elif row.generated >= row.max_new_tokens:
-                row.finish = FinishReason.LENGTH
-            if row.finish is not None and row.finish is not FinishReason.STOP_SEQUENCE:
-                delta += row.text.flush()
-                if row.text.stopped:
-                    row.finish = FinishReason.STOP_SEQUENCE
-            token_ids = () if is_eos or stopped else (token,)
-            if delta or token_ids:
-                events.append((row.channel, TokenDelta(text=delta, token_ids=token_ids)))
+        events = [
+            (row.channel, delta)
+            for row, token in zip(rows, tokens, strict=True)
+            if (delta := accept_token(row, token, eos=self._eos))
+        ]
         deliver(events)
 
     def _drop_finished(self) -> None:
@@ -322,12 +353,14 @@ class Engine:
             return
         deliver(
             [
-                (row.channel, self._finished_event(row, row.finish))
+                (row.channel, finished_event(row, row.finish))
                 if row.finish is not None
                 else (row.channel, RequestCancelledError("the request was cancelled"))
                 for row in (self._rows[i] for i in sorted(removed))
             ]
         )
+        for i in removed:
+            self.manager.release(self._rows[i].claim)
         order, moves = swap_remove(len(self._rows), removed)
         self._rows = [self._rows[i] for i in order]
         if not self._rows:
@@ -338,32 +371,20 @@ class Engine:
         if self._plan is not None:
             self._plan = self._plan.compact(moves, len(order))
 
-    @staticmethod
-    def _finished_event(row: Row, reason: FinishReason) -> Finished:
-        return Finished(
-            reason=reason,
-            prompt_tokens=len(row.prompt_ids),
-            completion_tokens=row.generated,
-            adapter=row.adapter.name if row.adapter is not None else None,
-            adapter_version=row.adapter.version if row.adapter is not None else 0,
-            stop_sequence=row.text.matched_stop,
-            seed=None if row.request.sampling.greedy else row.sampler.seed,
-        )
-
     def _fail_all(self, error: LoramuxError, cause: BaseException | None) -> None:
+        error.__cause__ = cause
         for row in self._rows:
-            error.__cause__ = cause
-            row.channel.put(error)
+            self._leave(row, error)
         self._rows, self._cache, self._mask, self._plan = [], None, None, None
 
     def _drain_queue(self) -> None:
         if self._chunking is not None:
-            self._chunking.row.channel.put(ShuttingDownError("the server shut down before this request finished"))
+            self._leave(self._chunking.row, ShuttingDownError("the server shut down before this request finished"))
             self._chunking = None
         with self._wakeup:
             waiting = self._scheduler.drain()
         for row in waiting:
-            row.channel.put(ShuttingDownError("the server shut down before this request started"))
+            self._leave(row, ShuttingDownError("the server shut down before this request started"))
 
 
 def _weights(rows: Sequence[Row]) -> list[AdapterWeights | None]:

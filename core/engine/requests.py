@@ -6,7 +6,7 @@ import asyncio
 import enum
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from loramux.core.engine.sampling import SamplingParams
@@ -69,6 +69,7 @@ class EventChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async: asyncio.Queue[object] | None = None
         self.cancelled = threading.Event()
+        self.on_cancel: Callable[[], None] | None = None  # the engine's: a waiting request leaves promptly
 
     def put(self, item: GenerationEvent | LoramuxError | BaseException) -> None:
         with self._lock:
@@ -79,7 +80,12 @@ class EventChannel:
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; it leaves the batch within one decode step."""
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        hook = self.on_cancel
+        if hook is not None:
+            hook()
 
     def __iter__(self) -> Iterator[GenerationEvent]:
         while True:

@@ -1,39 +1,55 @@
 """Who joins the batch at the next step: pure decisions over the waiting requests, testable without a model.
 
-The engine asks once per step (``next_step``), telling how many rows run and whether a long prompt is being
-prefilled. Requests are taken in arrival order while the batch has rows free (a prompt being chunked holds
-a row):
+Waiting requests are kept in one queue per adapter (``key``: the adapter's name, None for the base model),
+each in arrival order, and admitted **round-robin across the queues**: after a queue gives a request, it goes
+to the back of the line. So a tenant's burst of hundreds of requests does not hold up another tenant's one:
+it waits for a free row, not for the burst (LoRAX's scheduler does the same).
 
-- a cancelled request leaves the queue (the engine tells its caller);
-- a prompt longer than ``chunk_tokens`` is prefilled a chunk per step, one such prompt at a time; the next
-  long one waits, first in line;
+The engine asks once per step (``next_step``), telling how many rows run and whether a long prompt is being
+prefilled; ``state`` says of each waiting request whether it can start (its adapter is resident), must wait
+(its adapter is loading), or leaves (cancelled, or its adapter failed to load). While the batch has rows free
+(a prompt being chunked holds one):
+
+- a prompt longer than ``chunk_tokens`` is prefilled a chunk per step, one such prompt at a time; its queue
+  waits meanwhile (requests of one adapter keep their order);
 - the others are prefilled together while rows x longest prompt stays within ``prefill_tokens``; the first
-  one that would not fit waits, first in line (a lone prompt always fits: it is never starved).
+  that would not fit waits, first in its queue, and ends the step's group (a lone prompt always fits).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+import enum
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+class Readiness(enum.Enum):
+    READY = "ready"  # can join now
+    WAIT = "wait"  # stays queued (its adapter is loading)
+    DROP = "drop"  # leaves the queue now (cancelled, or it cannot run)
+
+
 @dataclass(frozen=True)
 class StepAdmission(Generic[T]):
-    """What joins at one step."""
+    """What joins at one step, and what left the queue."""
 
     prefill: list[T] = field(default_factory=list)  # prefilled together, in this order
     chunked: T | None = None  # starts its chunked prefill
-    cancelled: list[T] = field(default_factory=list)  # cancelled while waiting: they leave the queue
+    dropped: list[T] = field(default_factory=list)  # left the queue (Readiness.DROP)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and self.chunked is None and not self.dropped
 
 
 class Scheduler(Generic[T]):
     """The waiting requests and the admission rule above. Not thread-safe: the engine holds its own lock.
 
-    ``prompt_len`` and ``cancelled`` read what the rule needs from a request, so tests use plain objects.
+    ``key``, ``prompt_len`` and ``state`` read what the rule needs from a request, so tests use plain objects.
     """
 
     def __init__(
@@ -43,42 +59,107 @@ class Scheduler(Generic[T]):
         prefill_tokens: int,
         chunk_tokens: int,
         prompt_len: Callable[[T], int],
-        cancelled: Callable[[T], bool],
+        state: Callable[[T], Readiness],
+        key: Callable[[T], Hashable] = lambda _: None,
     ) -> None:
         self.max_rows, self.prefill_tokens, self.chunk_tokens = max_rows, prefill_tokens, chunk_tokens
-        self._prompt_len, self._cancelled = prompt_len, cancelled
-        self._waiting: collections.deque[T] = collections.deque()
+        self._prompt_len, self._state, self._key = prompt_len, state, key
+        self._queues: dict[Hashable, collections.deque[T]] = {}
+        # Next to serve first: queues not served since they (re)appeared, in arrival order, then the others in
+        # the order they were last served (a served queue goes to the back).
+        self._order: list[Hashable] = []
+        self._served: set[Hashable] = set()
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return self._count
 
     def __iter__(self) -> Iterator[T]:
-        return iter(tuple(self._waiting))
+        """Every waiting request (queue by queue)."""
+        return iter([r for key in list(self._order) for r in tuple(self._queues[key])])
 
     def add(self, request: T) -> None:
-        self._waiting.append(request)
+        key = self._key(request)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            fresh = sum(1 for k in self._order if k not in self._served)
+            self._order.insert(fresh, key)
+        queue.append(request)
+        self._count += 1
 
     def drain(self) -> list[T]:
-        """Every waiting request, oldest first; the queue is empty afterwards."""
-        items = list(self._waiting)
-        self._waiting.clear()
+        """Every waiting request; the queues are empty afterwards."""
+        items = list(self)
+        self._queues.clear()
+        self._order.clear()
+        self._served.clear()
+        self._count = 0
         return items
 
     def next_step(self, *, running: int, chunking: bool) -> StepAdmission[T]:
-        step: StepAdmission[T] = StepAdmission()
+        step: StepAdmission[T] = StepAdmission(dropped=self._drop())
+        chunked: T | None = None
         longest = 0  # of the prefill group
-        while self._waiting and running + len(step.prefill) + (chunking or step.chunked is not None) < self.max_rows:
-            request = self._waiting[0]
-            length = self._prompt_len(request)
-            if self._cancelled(request):
-                step.cancelled.append(self._waiting.popleft())
-            elif length > self.chunk_tokens:
-                if chunking or step.chunked is not None:
-                    break  # one long prompt at a time; this one is next
-                step = StepAdmission(step.prefill, self._waiting.popleft(), step.cancelled)
-            elif step.prefill and (len(step.prefill) + 1) * max(longest, length) > self.prefill_tokens:
-                break  # first in line at the next step
+        full = False  # the prefill group's budget is spent
+        while not full and running + len(step.prefill) + (chunking or chunked is not None) < self.max_rows:
+            progress = False
+            for key in list(self._order):  # one request per queue per round; a served queue goes last
+                if running + len(step.prefill) + (chunking or chunked is not None) >= self.max_rows:
+                    break
+                queue = self._queues[key]
+                request = queue[0]
+                if self._state(request) is not Readiness.READY:
+                    continue
+                length = self._prompt_len(request)
+                if length > self.chunk_tokens:
+                    if chunking or chunked is not None:
+                        continue  # one long prompt at a time; this queue waits for it
+                    chunked = request
+                elif step.prefill and (len(step.prefill) + 1) * max(longest, length) > self.prefill_tokens:
+                    full = True  # first in its queue at the next step
+                    break
+                else:
+                    step.prefill.append(request)
+                    longest = max(longest, length)
+                self._pop(key)
+                progress = True
+            if not progress:
+                break
+        return StepAdmission(step.prefill, chunked, step.dropped)
+
+    def _pop(self, key: Hashable) -> None:
+        queue = self._queues[key]
+        queue.popleft()
+        self._count -= 1
+        self._order.remove(key)
+        if queue:
+            self._order.append(key)
+            self._served.add(key)
+        else:
+            self._forget(key)
+
+    def _forget(self, key: Hashable) -> None:
+        """An empty queue goes; when its adapter has requests again, it is a fresh queue."""
+        del self._queues[key]
+        if key in self._order:
+            self._order.remove(key)
+        self._served.discard(key)
+
+    def _drop(self) -> list[T]:
+        """Requests anywhere in the queues that leave now, in queue order."""
+        dropped: list[T] = []
+        for key in list(self._order):
+            queue = self._queues[key]
+            leaving = [r for r in queue if self._state(r) is Readiness.DROP]
+            if not leaving:
+                continue
+            gone = {id(r) for r in leaving}
+            kept = [r for r in queue if id(r) not in gone]
+            dropped += leaving
+            self._count -= len(queue) - len(kept)
+            if kept:
+                self._queues[key] = collections.deque(kept)
             else:
-                step.prefill.append(self._waiting.popleft())
-                longest = max(longest, length)
-        return step
+                self._forget(key)
+        return dropped

@@ -149,6 +149,9 @@ MESSAGES = {
         "version": "15 uint32",
         "loaded_at": "16 google.protobuf.Timestamp",
         "last_used": "17 google.protobuf.Timestamp",
+        "state": "18 AdapterState",
+        "requests_served": "19 uint64",
+        "on_demand": "20 bool",
     },
     "LoadAdapterRequest": {
         "name": "1 string",
@@ -217,6 +220,12 @@ MESSAGES = {
 
 ENUMS = {
     "AdapterSourceKind": ["ADAPTER_SOURCE_KIND_UNSPECIFIED", "ADAPTER_SOURCE_KIND_LOCAL", "ADAPTER_SOURCE_KIND_HUB"],
+    "AdapterState": [
+        "ADAPTER_STATE_UNSPECIFIED",
+        "ADAPTER_STATE_RESIDENT",
+        "ADAPTER_STATE_LOADING",
+        "ADAPTER_STATE_NOT_RESIDENT",
+    ],
     "FinishReason": [
         "FINISH_REASON_UNSPECIFIED",
         "FINISH_REASON_EOS",

@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from loramux.core import AdapterManager, Engine, EngineConfig
 from loramux.core.adapters.sources import DEFAULT_SOURCES, AdapterSource
 from loramux.core.model.loader import ModelSpec
+from loramux.service import runtime
 from loramux.service.config import NetworkConfig, ServiceConfig
 from loramux.service.server import LoramuxServer, create_server
 from loramux.v1 import adapter_service_pb2_grpc, generation_service_pb2, generation_service_pb2_grpc
@@ -151,7 +152,14 @@ def build_engine(
     sources: Sequence[AdapterSource] = DEFAULT_SOURCES,
 ) -> Engine:
     model = copy.deepcopy(base_model)
-    manager = AdapterManager(model, max_adapters=config.max_adapters, max_rank=config.max_rank, sources=sources)
+    manager = AdapterManager(
+        model,
+        max_adapters=config.max_adapters,
+        max_adapter_bytes=config.max_adapter_bytes,
+        max_rank=config.max_rank,
+        sources=sources,
+        on_demand=runtime.on_demand(config),
+    )
     for name, path in adapters.items():
         manager.load_adapter(str(path), name)
     return Engine(model, tokenizer, manager, config.engine, on_step=gate)

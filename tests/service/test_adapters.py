@@ -197,7 +197,8 @@ def test_lru_eviction_makes_room(make_server, adapter_dirs):
     h = make_server(adapters={}, max_adapters=1)
     h.adapters.LoadAdapter(apb.LoadAdapterRequest(name="math", source=str(adapter_dirs["math"])))
     h.adapters.LoadAdapter(apb.LoadAdapterRequest(name="poet", source=str(adapter_dirs["poet"])))
-    assert [a.name for a in h.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters] == ["poet"]
+    listed = {a.name: a.state for a in h.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
+    assert listed == {"math": apb.ADAPTER_STATE_NOT_RESIDENT, "poet": apb.ADAPTER_STATE_RESIDENT}  # math: evicted
 
 
 class _UnreachableHub(AdapterSource):

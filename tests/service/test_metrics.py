@@ -134,10 +134,10 @@ def test_adapter_loads_evictions_and_unloads(make_server, adapter_dirs):
     server.adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="third"))
     s = scrape(server)
     assert value(s, "loramux_adapter_loads_total") == 2  # third, and poet's replacement
-    assert value(s, "loramux_adapter_evictions_total") == 1
+    assert value(s, "loramux_adapter_evictions_total", cause="max_adapters") == 1
     assert value(s, "loramux_adapter_unloads_total") == 1
     assert value(s, "loramux_adapter_load_seconds_count") == 2 and value(s, "loramux_adapter_load_seconds_sum") > 0
-    assert value(s, "loramux_adapters_resident") == 1
+    assert value(s, "loramux_adapters_resident") == 1 and value(s, "loramux_adapters_registered") == 2
     assert value(s, "loramux_requests_total", rpc="LoadAdapter", adapter="third", status="OK") == 1
     assert value(s, "loramux_requests_total", rpc="UnloadAdapter", adapter="third", status="OK") == 1
 

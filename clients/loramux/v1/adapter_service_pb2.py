@@ -25,37 +25,39 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loramux/v1/adapter_service.proto\x12\nloramux.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x03\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x32\n\x0bsource_kind\x18\x03 \x01(\x0e\x32\x1d.loramux.v1.AdapterSourceKind\x12\x11\n\tsubfolder\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\x19\n\x11resolved_revision\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\r\n\x05\x61lpha\x18\x08 \x01(\x02\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x13\n\x0bnum_modules\x18\n \x01(\r\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x12\n\nsize_bytes\x18\x0c \x01(\x04\x12\x12\n\nis_default\x18\r \x01(\x08\x12\x0e\n\x06pinned\x18\x0e \x01(\x08\x12\x0f\n\x07version\x18\x0f \x01(\r\x12-\n\tloaded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb8\x01\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x11\n\tsubfolder\x18\x04 \x01(\t\x12\x0f\n\x07replace\x18\x05 \x01(\x08\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12#\n\x16\x61utocast_adapter_dtype\x18\x07 \x01(\x08H\x00\x88\x01\x01\x42\x19\n\x17_autocast_adapter_dtype\"\x82\x01\n\x13LoadAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\x12\x14\n\x0cmissing_keys\x18\x03 \x03(\t\x12\x17\n\x0funexpected_keys\x18\x04 \x03(\t\";\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"=\n\x15UnloadAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\"!\n\x11SetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\\\n\x12SetAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\x12 \n\x18previous_default_adapter\x18\x02 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x12GetAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"o\n\x14ListAdaptersResponse\x12%\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x13.loramux.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_adapter\x18\x03 \x01(\t*t\n\x11\x41\x64\x61pterSourceKind\x12#\n\x1f\x41\x44\x41PTER_SOURCE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x44\x41PTER_SOURCE_KIND_LOCAL\x10\x01\x12\x1b\n\x17\x41\x44\x41PTER_SOURCE_KIND_HUB\x10\x02\x32\xa3\x03\n\x0e\x41\x64\x61pterService\x12N\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x1f.loramux.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a!.loramux.v1.UnloadAdapterResponse\x12K\n\nSetAdapter\x12\x1d.loramux.v1.SetAdapterRequest\x1a\x1e.loramux.v1.SetAdapterResponse\x12K\n\nGetAdapter\x12\x1d.loramux.v1.GetAdapterRequest\x1a\x1e.loramux.v1.GetAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loramux/v1/adapter_service.proto\x12\nloramux.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf0\x03\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x32\n\x0bsource_kind\x18\x03 \x01(\x0e\x32\x1d.loramux.v1.AdapterSourceKind\x12\x11\n\tsubfolder\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\x19\n\x11resolved_revision\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\r\n\x05\x61lpha\x18\x08 \x01(\x02\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x13\n\x0bnum_modules\x18\n \x01(\r\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x12\n\nsize_bytes\x18\x0c \x01(\x04\x12\x12\n\nis_default\x18\r \x01(\x08\x12\x0e\n\x06pinned\x18\x0e \x01(\x08\x12\x0f\n\x07version\x18\x0f \x01(\r\x12-\n\tloaded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05state\x18\x12 \x01(\x0e\x32\x18.loramux.v1.AdapterState\x12\x17\n\x0frequests_served\x18\x13 \x01(\x04\x12\x11\n\ton_demand\x18\x14 \x01(\x08\"\xb8\x01\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x11\n\tsubfolder\x18\x04 \x01(\t\x12\x0f\n\x07replace\x18\x05 \x01(\x08\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12#\n\x16\x61utocast_adapter_dtype\x18\x07 \x01(\x08H\x00\x88\x01\x01\x42\x19\n\x17_autocast_adapter_dtype\"\x82\x01\n\x13LoadAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\x12\x14\n\x0cmissing_keys\x18\x03 \x03(\t\x12\x17\n\x0funexpected_keys\x18\x04 \x03(\t\";\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"=\n\x15UnloadAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\"!\n\x11SetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\\\n\x12SetAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\x12 \n\x18previous_default_adapter\x18\x02 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x12GetAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.loramux.v1.Adapter\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"o\n\x14ListAdaptersResponse\x12%\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x13.loramux.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_adapter\x18\x03 \x01(\t*t\n\x11\x41\x64\x61pterSourceKind\x12#\n\x1f\x41\x44\x41PTER_SOURCE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x44\x41PTER_SOURCE_KIND_LOCAL\x10\x01\x12\x1b\n\x17\x41\x44\x41PTER_SOURCE_KIND_HUB\x10\x02*\x84\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_STATE_NOT_RESIDENT\x10\x03\x32\xa3\x03\n\x0e\x41\x64\x61pterService\x12N\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x1f.loramux.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a!.loramux.v1.UnloadAdapterResponse\x12K\n\nSetAdapter\x12\x1d.loramux.v1.SetAdapterRequest\x1a\x1e.loramux.v1.SetAdapterResponse\x12K\n\nGetAdapter\x12\x1d.loramux.v1.GetAdapterRequest\x1a\x1e.loramux.v1.GetAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.adapter_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSOURCEKIND']._serialized_start=1338
-  _globals['_ADAPTERSOURCEKIND']._serialized_end=1454
+  _globals['_ADAPTERSOURCEKIND']._serialized_start=1423
+  _globals['_ADAPTERSOURCEKIND']._serialized_end=1539
+  _globals['_ADAPTERSTATE']._serialized_start=1542
+  _globals['_ADAPTERSTATE']._serialized_end=1674
   _globals['_ADAPTER']._serialized_start=82
-  _globals['_ADAPTER']._serialized_end=493
-  _globals['_LOADADAPTERREQUEST']._serialized_start=496
-  _globals['_LOADADAPTERREQUEST']._serialized_end=680
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=683
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=813
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=815
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=874
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=876
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=937
-  _globals['_SETADAPTERREQUEST']._serialized_start=939
-  _globals['_SETADAPTERREQUEST']._serialized_end=972
-  _globals['_SETADAPTERRESPONSE']._serialized_start=974
-  _globals['_SETADAPTERRESPONSE']._serialized_end=1066
-  _globals['_GETADAPTERREQUEST']._serialized_start=1068
-  _globals['_GETADAPTERREQUEST']._serialized_end=1101
-  _globals['_GETADAPTERRESPONSE']._serialized_start=1103
-  _globals['_GETADAPTERRESPONSE']._serialized_end=1161
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1163
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1223
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1225
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1336
-  _globals['_ADAPTERSERVICE']._serialized_start=1457
-  _globals['_ADAPTERSERVICE']._serialized_end=1876
+  _globals['_ADAPTER']._serialized_end=578
+  _globals['_LOADADAPTERREQUEST']._serialized_start=581
+  _globals['_LOADADAPTERREQUEST']._serialized_end=765
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=768
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=898
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=900
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=959
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=961
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1022
+  _globals['_SETADAPTERREQUEST']._serialized_start=1024
+  _globals['_SETADAPTERREQUEST']._serialized_end=1057
+  _globals['_SETADAPTERRESPONSE']._serialized_start=1059
+  _globals['_SETADAPTERRESPONSE']._serialized_end=1151
+  _globals['_GETADAPTERREQUEST']._serialized_start=1153
+  _globals['_GETADAPTERREQUEST']._serialized_end=1186
+  _globals['_GETADAPTERRESPONSE']._serialized_start=1188
+  _globals['_GETADAPTERRESPONSE']._serialized_end=1246
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1248
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1308
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1310
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1421
+  _globals['_ADAPTERSERVICE']._serialized_start=1677
+  _globals['_ADAPTERSERVICE']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)

@@ -15,12 +15,23 @@ class AdapterSourceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_SOURCE_KIND_UNSPECIFIED: _ClassVar[AdapterSourceKind]
     ADAPTER_SOURCE_KIND_LOCAL: _ClassVar[AdapterSourceKind]
     ADAPTER_SOURCE_KIND_HUB: _ClassVar[AdapterSourceKind]
+
+class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_STATE_UNSPECIFIED: _ClassVar[AdapterState]
+    ADAPTER_STATE_RESIDENT: _ClassVar[AdapterState]
+    ADAPTER_STATE_LOADING: _ClassVar[AdapterState]
+    ADAPTER_STATE_NOT_RESIDENT: _ClassVar[AdapterState]
 ADAPTER_SOURCE_KIND_UNSPECIFIED: AdapterSourceKind
 ADAPTER_SOURCE_KIND_LOCAL: AdapterSourceKind
 ADAPTER_SOURCE_KIND_HUB: AdapterSourceKind
+ADAPTER_STATE_UNSPECIFIED: AdapterState
+ADAPTER_STATE_RESIDENT: AdapterState
+ADAPTER_STATE_LOADING: AdapterState
+ADAPTER_STATE_NOT_RESIDENT: AdapterState
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "source", "source_kind", "subfolder", "revision", "resolved_revision", "rank", "alpha", "target_modules", "num_modules", "dtype", "size_bytes", "is_default", "pinned", "version", "loaded_at", "last_used")
+    __slots__ = ("name", "source", "source_kind", "subfolder", "revision", "resolved_revision", "rank", "alpha", "target_modules", "num_modules", "dtype", "size_bytes", "is_default", "pinned", "version", "loaded_at", "last_used", "state", "requests_served", "on_demand")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +49,9 @@ class Adapter(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     source_kind: AdapterSourceKind
@@ -55,7 +69,10 @@ class Adapter(_message.Message):
     version: int
     loaded_at: _timestamp_pb2.Timestamp
     last_used: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., source_kind: _Optional[_Union[AdapterSourceKind, str]] = ..., subfolder: _Optional[str] = ..., revision: _Optional[str] = ..., resolved_revision: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_modules: _Optional[int] = ..., dtype: _Optional[str] = ..., size_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., pinned: _Optional[bool] = ..., version: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    state: AdapterState
+    requests_served: int
+    on_demand: bool
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., source_kind: _Optional[_Union[AdapterSourceKind, str]] = ..., subfolder: _Optional[str] = ..., revision: _Optional[str] = ..., resolved_revision: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_modules: _Optional[int] = ..., dtype: _Optional[str] = ..., size_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., pinned: _Optional[bool] = ..., version: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., requests_served: _Optional[int] = ..., on_demand: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "source", "revision", "subfolder", "replace", "pinned", "autocast_adapter_dtype")

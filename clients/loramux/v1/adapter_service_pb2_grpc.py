@@ -84,22 +84,26 @@ class AdapterServiceServicer:
         `already_loaded` = true and the adapter as it is, without reading any file. The same name with a
         different source, revision or subfolder fails with ALREADY_EXISTS unless `replace` is true.
 
-        When every adapter slot is taken (server setting max_adapters), the least recently used adapter that
-        is neither pinned nor the default is unloaded first (requests running with it finish normally).
+        The loaded adapter is made resident, evicting the least recently used adapters that are neither
+        pinned, the default, nor in use when the budgets (max_adapters, max_adapter_memory) are full; evicted
+        adapters stay registered (see "Registered and resident adapters" above). When the adapters in the way
+        are all in use, an unpinned adapter is registered without staying resident (Adapter.state
+        NOT_RESIDENT: its first request loads it); a pinned one fails with RESOURCE_EXHAUSTED instead.
 
         Errors: INVALID_ARGUMENT (`name`, `source`, `revision`, `subfolder`); ALREADY_EXISTS
         (ADAPTER_ALREADY_EXISTS); NOT_FOUND (ADAPTER_SOURCE_NOT_FOUND); FAILED_PRECONDITION
         (ADAPTER_UNSUPPORTED, ADAPTER_INCOMPATIBLE, ADAPTER_CORRUPT); PERMISSION_DENIED
-        (ADAPTER_SOURCE_FORBIDDEN); RESOURCE_EXHAUSTED (limit maxAdapters: every slot holds a pinned or the
-        default adapter); UNAVAILABLE (ADAPTER_SOURCE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL.
+        (ADAPTER_SOURCE_FORBIDDEN); RESOURCE_EXHAUSTED (limit maxAdapters or maxAdapterMemory: no room beside
+        the pinned and default adapters); UNAVAILABLE (ADAPTER_SOURCE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Unloads an adapter. Requests already running with it keep its weights until they finish; its memory
-        is freed after the last of them. New requests naming it fail with NOT_FOUND. A pinned adapter can be
+        """Unloads an adapter: forgets its registration (resident or not). Requests already accepted with it keep
+        its weights until they finish; its memory is freed after the last of them. New requests naming it fail
+        with NOT_FOUND (or, with load on demand, look for it again). A pinned adapter can be
         unloaded (pinning only protects from eviction). If it was the default adapter, the default falls back
         to the bare base model ("").
 
@@ -124,7 +128,7 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAdapter(self, request, context):
-        """Returns one loaded adapter.
+        """Returns one registered adapter, resident or not.
 
         Errors: INVALID_ARGUMENT (`name` empty or malformed); NOT_FOUND (ADAPTER_NOT_FOUND); INTERNAL.
         """
@@ -133,7 +137,8 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Lists the loaded adapters, ordered by name (byte-wise ascending), a page at a time (AIP-158).
+        """Lists the registered adapters, resident or not, ordered by name (byte-wise ascending), a page at a time
+        (AIP-158).
 
         Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` not from this server); INTERNAL.
         """

@@ -59,8 +59,12 @@ class GenerationServiceServicer:
 
         Errors: INVALID_ARGUMENT (the field is named in BadRequest: `input`, `token_ids`, `adapter`,
         `sampling.*`, `stopping.*`, `request_id`, `apply_chat_template`); NOT_FOUND (ADAPTER_NOT_FOUND:
-        `adapter` names an adapter that is not loaded); RESOURCE_EXHAUSTED (limit maxQueuedGenerations,
-        maxPromptTokens or maxTotalTokens); UNAVAILABLE (SHUTTING_DOWN, MODEL_LOADING, or the grpc library's
+        `adapter` names an adapter that is not registered and, with load on demand, was found nowhere);
+        PERMISSION_DENIED (ADAPTER_SOURCE_FORBIDDEN: load on demand found it outside its root, or on the Hub
+        while the server refuses Hub adapters); FAILED_PRECONDITION (ADAPTER_UNSUPPORTED, ADAPTER_INCOMPATIBLE,
+        ADAPTER_CORRUPT: the adapter's (re)load failed); RESOURCE_EXHAUSTED (limit maxQueuedGenerations,
+        maxPromptTokens, maxTotalTokens, or maxAdapters / maxAdapterMemory when the adapter can never be resident
+        beside the pinned ones); UNAVAILABLE (SHUTTING_DOWN, MODEL_LOADING, or the grpc library's
         UNAVAILABLE when the drain grace period ends mid-stream); INTERNAL; CANCELLED or DEADLINE_EXCEEDED
         from the grpc library. All come before any response message except INTERNAL, UNAVAILABLE, CANCELLED
         and DEADLINE_EXCEEDED, which may also end a stream midway.

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from loramux.core import AdapterManager
+from loramux.core.adapters.adapter import AdapterState
 from loramux.core.adapters.sources import SourceKind
 from loramux.core.errors import (
     AdapterAlreadyExistsError,
@@ -42,6 +43,10 @@ def setup(fresh_model, make_adapter):
         "c": make_adapter(ARCH, "c", seed=3, r=2, target_modules=["up_proj"], modules_to_save=["lm_head"]),
     }
     return model, paths
+
+
+def resident(manager: AdapterManager) -> list[str]:
+    return [i.name for i in manager.list_adapters(state=AdapterState.RESIDENT)]
 
 
 def _snapshot(manager: AdapterManager):
@@ -199,10 +204,15 @@ def test_capacity_evicts_least_recently_used(setup):
     ids = input_ids(1)
     routed_logits(model, manager, ids, ["a"])  # "a" is now more recently used than "b"
     manager.load_adapter(str(paths["c"]), "c")
-    assert [i.name for i in manager.list_adapters()] == ["a", "c"]
-    # Now "c" was loaded after "a" was last used: "a" goes next.
-    manager.load_adapter(str(paths["b"]), "b")
-    assert [i.name for i in manager.list_adapters()] == ["b", "c"]
+    assert resident(manager) == ["a", "c"]
+    assert [i.name for i in manager.list_adapters()] == ["a", "b", "c"]  # evicted, still registered
+    assert manager.get_adapter("b").state is AdapterState.NOT_RESIDENT
+    # "c" was loaded after "a" was last used: "a" goes next, when "b" is used again (and loads again)
+    before = manager.get_adapter("b")
+    routed_logits(model, manager, ids, ["b"])
+    assert resident(manager) == ["b", "c"]
+    after = manager.get_adapter("b")
+    assert after.version == before.version == 1 and after.state is AdapterState.RESIDENT
 
 
 def test_capacity_never_evicts_pinned_or_default(setup):
@@ -212,19 +222,19 @@ def test_capacity_never_evicts_pinned_or_default(setup):
     manager.load_adapter(str(paths["b"]), "b")
     manager.set_adapter("a")
     manager.load_adapter(str(paths["c"]), "c")
-    assert [i.name for i in manager.list_adapters()] == ["a", "c"]
+    assert resident(manager) == ["a", "c"]
 
     manager.set_pinned("c", True)
     assert manager.get_adapter("c").pinned
     state = _snapshot(manager)
     with pytest.raises(CapacityExceededError) as err:
-        manager.load_adapter(str(paths["b"]), "b")
-    assert err.value.reason == "RESOURCE_EXHAUSTED"
+        manager.acquire("b")  # "b" can never be resident beside the default and a pinned one
+    assert err.value.reason == "RESOURCE_EXHAUSTED" and err.value.field == "max_adapters"
     assert _snapshot(manager) == state
 
     manager.set_pinned("c", False)
-    manager.load_adapter(str(paths["b"]), "b")
-    assert [i.name for i in manager.list_adapters()] == ["a", "b"]
+    manager.acquire("b")
+    assert resident(manager) == ["a", "b"]
 
 
 def test_capacity_exceeded_when_all_pinned(setup):
@@ -309,7 +319,7 @@ def test_held_adapter_survives_eviction(setup):
     expected = routed_logits(model, manager, ids, ["a", None])
     held = manager.acquire("a")
     manager.load_adapter(str(paths["b"]), "b")  # evicts "a"
-    assert [i.name for i in manager.list_adapters()] == ["b"]
+    assert resident(manager) == ["b"]
     torch.testing.assert_close(routed_logits(model, manager, ids, [held, None]), expected, atol=0, rtol=0)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loramux.core.engine.scheduler import Scheduler
+from loramux.core.engine.scheduler import Readiness, Scheduler
 
 
-@dataclass
+@dataclass(eq=False)
 class Req:
     name: str
     prompt: int = 4
-    cancelled: bool = False
+    adapter: str | None = None
+    state: Readiness = Readiness.READY
 
 
 def scheduler(*requests: Req, max_rows: int = 4, prefill_tokens: int = 64, chunk_tokens: int = 32) -> Scheduler[Req]:
@@ -20,7 +21,8 @@ def scheduler(*requests: Req, max_rows: int = 4, prefill_tokens: int = 64, chunk
         prefill_tokens=prefill_tokens,
         chunk_tokens=chunk_tokens,
         prompt_len=lambda r: r.prompt,
-        cancelled=lambda r: r.cancelled,
+        state=lambda r: r.state,
+        key=lambda r: r.adapter,
     )
     for r in requests:
         s.add(r)
@@ -33,20 +35,50 @@ def names(items: list[Req]) -> list[str]:
 
 def test_empty_queue_admits_nothing():
     step = scheduler().next_step(running=0, chunking=False)
-    assert (step.prefill, step.chunked, step.cancelled) == ([], None, [])
+    assert (step.prefill, step.chunked, step.dropped, step.empty) == ([], None, [], True)
 
 
 def test_arrival_order_up_to_the_free_rows():
     s = scheduler(*(Req(str(i)) for i in range(6)), max_rows=4)
     assert names(s.next_step(running=1, chunking=False).prefill) == ["0", "1", "2"]
-    assert names(list(s)) == ["3", "4", "5"]
-    assert s.next_step(running=4, chunking=False).prefill == []  # the batch is full
+    assert names(list(s)) == ["3", "4", "5"] and len(s) == 3
+    assert s.next_step(running=4, chunking=False).empty  # the batch is full
 
 
-def test_cancelled_requests_leave_without_taking_a_row():
-    s = scheduler(Req("a", cancelled=True), Req("b"), Req("c", cancelled=True), Req("d"), max_rows=2)
+def test_dropped_requests_leave_from_anywhere_without_taking_a_row():
+    drop = Readiness.DROP
+    s = scheduler(Req("a", state=drop), Req("b"), Req("c", state=drop), Req("d"), Req("e"), max_rows=2)
     step = s.next_step(running=0, chunking=False)
-    assert names(step.prefill) == ["b", "d"] and names(step.cancelled) == ["a", "c"] and len(s) == 0
+    assert names(step.prefill) == ["b", "d"] and names(step.dropped) == ["a", "c"]
+    assert names(list(s)) == ["e"] and len(s) == 1
+
+
+def test_a_request_whose_adapter_is_loading_waits_and_does_not_block_others():
+    loading = Req("x1", adapter="x", state=Readiness.WAIT)
+    s = scheduler(loading, Req("x2", adapter="x"), Req("y1", adapter="y"), max_rows=4)
+    assert names(s.next_step(running=0, chunking=False).prefill) == ["y1"]  # x2 stays behind x1: same adapter
+    assert names(list(s)) == ["x1", "x2"]
+    loading.state = Readiness.READY
+    assert names(s.next_step(running=1, chunking=False).prefill) == ["x1", "x2"]
+
+
+def test_queues_are_served_round_robin():
+    burst = [Req(f"a{i}", adapter="a") for i in range(300)]
+    s = scheduler(*burst, Req("b0", adapter="b"), Req("base0"), max_rows=3)
+    assert names(s.next_step(running=0, chunking=False).prefill) == ["a0", "b0", "base0"]
+    assert names(s.next_step(running=2, chunking=False).prefill) == ["a1"]
+    s.add(Req("b1", adapter="b"))
+    s.add(Req("c0", adapter="c"))
+    # "a" was just served: the new queues "b" and "c", in arrival order, come before it
+    assert names(s.next_step(running=1, chunking=False).prefill) == ["b1", "c0"]
+    assert names(s.next_step(running=0, chunking=False).prefill) == ["a2", "a3", "a4"]
+
+
+def test_a_late_request_on_another_adapter_gets_the_next_free_row():
+    s = scheduler(*(Req(f"a{i}", adapter="a") for i in range(300)), max_rows=4)
+    assert len(s.next_step(running=0, chunking=False).prefill) == 4
+    s.add(Req("b", adapter="b"))
+    assert names(s.next_step(running=3, chunking=False).prefill) == ["b"]
 
 
 def test_prefill_budget_counts_padded_tokens_and_the_rest_waits_first_in_line():
@@ -66,18 +98,24 @@ def test_long_prompts_are_chunked_one_at_a_time_and_hold_a_row():
     s = scheduler(Req("short"), Req("long1", 100), Req("long2", 100), Req("after"), max_rows=4)
     step = s.next_step(running=0, chunking=False)
     assert names(step.prefill) == ["short"] and step.chunked is not None and step.chunked.name == "long1"
-    assert names(list(s)) == ["long2", "after"]  # long2 is next; nothing overtakes it
+    assert names(list(s)) == ["long2", "after"]  # long2 is next in its queue; nothing overtakes it there
     step = s.next_step(running=1, chunking=True)
-    assert step.prefill == [] and step.chunked is None
+    assert step.empty
     step = s.next_step(running=2, chunking=False)
     assert step.chunked is not None and step.chunked.name == "long2" and names(step.prefill) == ["after"]
 
 
+def test_a_long_prompt_waiting_for_its_turn_holds_up_only_its_own_queue():
+    s = scheduler(Req("long-a", 100, adapter="a"), Req("a2", adapter="a"), Req("b1", adapter="b"))
+    step = s.next_step(running=0, chunking=True)  # another long prompt is being chunked
+    assert names(step.prefill) == ["b1"] and step.chunked is None and names(list(s)) == ["long-a", "a2"]
+
+
 def test_a_chunked_prompt_counts_against_the_rows():
     s = scheduler(Req("a"), Req("b"), max_rows=2)
-    assert names(s.next_step(running=1, chunking=True).prefill) == []
+    assert s.next_step(running=1, chunking=True).empty
 
 
-def test_drain_empties_the_queue_in_order():
-    s = scheduler(Req("a"), Req("b"))
-    assert names(s.drain()) == ["a", "b"] and len(s) == 0
+def test_drain_empties_the_queues():
+    s = scheduler(Req("a"), Req("b", adapter="x"))
+    assert sorted(names(s.drain())) == ["a", "b"] and len(s) == 0

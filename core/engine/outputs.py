@@ -1,0 +1,44 @@
+"""What a sampled token does to its row: the text it adds, whether it ends the row and why, and the events
+the caller gets (a TokenDelta per token, one Finished at the end). Engine thread only; no tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+
+from loramux.core.engine.admission import Row
+from loramux.core.engine.requests import Finished, FinishReason, TokenDelta
+
+
+def accept_token(row: Row, token: int, *, eos: Set[int]) -> TokenDelta | None:
+    """Append ``token`` to ``row``: advance its text (held back while a stop string may be forming), and mark
+    it finished on EOS (unless ignored), a stop string or max_new_tokens. The delta to stream, if any."""
+    row.last_token = token
+    row.generated += 1
+    is_eos = token in eos and not row.request.ignore_eos
+    delta, stopped = row.text.push(token) if not is_eos else ("", False)
+    if stopped:
+        row.finish = FinishReason.STOP_SEQUENCE
+    elif is_eos:
+        row.finish = FinishReason.EOS
+    elif row.generated >= row.max_new_tokens:
+        row.finish = FinishReason.LENGTH
+    if row.finish is not None and row.finish is not FinishReason.STOP_SEQUENCE:
+        delta += row.text.flush()
+        if row.text.stopped:
+            row.finish = FinishReason.STOP_SEQUENCE
+    token_ids = () if is_eos or stopped else (token,)
+    return TokenDelta(text=delta, token_ids=token_ids) if delta or token_ids else None
+
+
+def finished_event(row: Row, reason: FinishReason) -> Finished:
+    adapter = row.adapter
+    return Finished(
+        reason=reason,
+        prompt_tokens=len(row.prompt_ids),
+        completion_tokens=row.generated,
+        adapter=adapter.name if adapter is not None else None,
+        adapter_version=adapter.version if adapter is not None else 0,
+        stop_sequence=row.text.matched_stop,
+        seed=None if row.request.sampling.greedy else row.sampler.seed,
+    )
