@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all lint bench bench-adapters bench-routing bench-engine bench-long-prompt proto proto-lint proto-check run clean
+.PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale proto proto-lint proto-check run clean
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -28,6 +28,12 @@ test: $(STAMP) node-deps
 
 test-all: $(STAMP) node-deps
 	$(PY) -m pytest -q
+
+# The soak (tests/soak): 10 minutes of mixed traffic against a real server on the bench's model, then its checks
+# (one terminal status per call, health SERVING throughout, no RSS growth, /metrics = what clients saw).
+# `make test` runs a 60-second version on the tiny test model.
+soak: $(STAMP)
+	LORAMUX_SOAK_SECONDS=600 LORAMUX_SOAK_MODEL=bench $(PY) -m pytest -q -s tests/soak
 
 # The Node.js client's packages (clients/node: exact versions from its package-lock.json), for its tests in
 # tests/polyglot/. Reinstalled only when the lock file changes; install scripts are not run (none is needed).
@@ -52,13 +58,17 @@ lint: $(STAMP)
 	for link in $(LINT_LINKS); do ln -s $(CURDIR)/$${link#*:} $(LINT_TREE)/$${link%%:*}; done
 	cd build/lint && ../../$(PY) -m mypy --config-file ../../pyproject.toml loramux
 
-bench: bench-adapters bench-routing bench-engine bench-long-prompt
+bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
 
 bench-long-prompt: $(STAMP)
 	$(PY) -m bench.long_prompt
+
+# 1,000 adapters on disk (5 GB, built once under build/bench-scale/), load on demand within a budget of 64.
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale
 
 bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager

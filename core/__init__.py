@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from loramux.core.adapters.adapter import AdapterInfo, LoadResult
     from loramux.core.adapters.manager import AdapterManager
     from loramux.core.engine.config import EngineConfig
-    from loramux.core.engine.engine import Engine, EngineLoad
+    from loramux.core.engine.engine import Engine
+    from loramux.core.engine.load import EngineLoad
     from loramux.core.engine.requests import (
         AdapterSelection,
         EventChannel,
@@ -39,7 +40,7 @@ _PUBLIC = {
     "AdapterManager": "loramux.core.adapters.manager",
     "EngineConfig": "loramux.core.engine.config",
     "Engine": "loramux.core.engine.engine",
-    "EngineLoad": "loramux.core.engine.engine",
+    "EngineLoad": "loramux.core.engine.load",
     "AdapterSelection": "loramux.core.engine.requests",
     "EventChannel": "loramux.core.engine.requests",
     "Finished": "loramux.core.engine.requests",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loramux.core import EngineConfig
 from loramux.core.adapters.names import validate_adapter_name
+from loramux.core.engine.config import KV_MEMORY_FRACTION
 from loramux.core.errors import InvalidArgumentError
 from loramux.core.model.linear_kernels import LinearKernel
 from loramux.core.model.loader import DTYPES, ModelSpec
@@ -38,7 +39,6 @@ _ENGINE_FLAGS = (  # EngineConfig field, help
     ("max_batch_rows", "requests decoded together (concurrent generations)"),
     ("max_queued", "requests waiting for a batch row; beyond: RESOURCE_EXHAUSTED"),
     ("max_prompt_tokens", "prompt tokens per request; beyond: RESOURCE_EXHAUSTED"),
-    ("max_total_tokens", "prompt + new tokens per request; beyond: RESOURCE_EXHAUSTED"),
     ("default_max_new_tokens", "max_new_tokens when a request sets none"),
     ("max_new_tokens_ceiling", "largest max_new_tokens a request may ask"),
     ("max_prefill_tokens", "padded prompt tokens prefilled per step; more join at the next steps"),
@@ -137,6 +137,23 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         default = getattr(_ENGINE, name)
         flag = "--" + name.replace("_", "-")
         g.add_argument(flag, type=_positive_int, default=default, help=f"{help_text} (default {default})")
+    g.add_argument(
+        "--max-total-tokens",
+        type=_positive_int,
+        help="prompt + new tokens per request; beyond: RESOURCE_EXHAUSTED (default: the model's context length)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="lower the model's context length (its position count, read from its config); never above it",
+    )
+    g.add_argument(
+        "--max-kv-memory",
+        type=_size,
+        metavar="SIZE",
+        help=f"bytes the batch's KV cache may hold, e.g. 8GiB; requests wait for room (default: "
+        f"{KV_MEMORY_FRACTION:.0%} of the memory available when the engine starts)",
+    )
     kernel = _ENGINE.linear_kernel.value
     g.add_argument(
         "--no-ragged-attention",
@@ -226,6 +243,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
     )
     engine = EngineConfig(
         **{name: getattr(args, name) for name, _ in _ENGINE_FLAGS},
+        max_total_tokens=args.max_total_tokens,
+        max_model_len=args.max_model_len,
+        max_kv_bytes=args.max_kv_memory,
         linear_kernel=LinearKernel(args.linear_kernel),
         ragged_attention=args.ragged_attention,
     )

@@ -106,7 +106,8 @@ class ServiceConfig:
             "maxConcurrentGenerations": e.max_batch_rows,
             "maxQueuedGenerations": e.max_queued,
             "maxPromptTokens": e.max_prompt_tokens,
-            "maxTotalTokens": e.max_total_tokens,
+            **({"maxTotalTokens": e.max_total_tokens} if e.max_total_tokens is not None else {}),
+            **({"maxKvMemory": e.max_kv_bytes} if e.max_kv_bytes is not None else {}),
         }
 
 

@@ -193,6 +193,14 @@ class _StateCollector(Collector):
             value=load.kv_cache_bytes,
         )
         yield GaugeMetricFamily(
+            "loramux_kv_cache_max_bytes", "The KV budget (--max-kv-memory)", value=load.kv_cache_max_bytes
+        )
+        yield GaugeMetricFamily(
+            "loramux_num_requests_waiting_kv",
+            "Requests first in their queue waiting for room in the KV budget (at the last step)",
+            value=load.waiting_kv,
+        )
+        yield GaugeMetricFamily(
             "loramux_kv_cache_tokens",
             "Token positions the running requests hold in the KV cache",
             value=load.kv_cache_tokens,

@@ -25,9 +25,15 @@ from loramux.service.status import Code, to_status
 log = logging.getLogger("loramux.service")
 
 
+# A client's deadline fires on the client, which cancels the call: the cancel reaches the server a transit time
+# before the server's own copy of the deadline (counted from when the request arrived). A cancel that close to
+# the deadline is the deadline (for the access log and metrics; the client saw DEADLINE_EXCEEDED).
+DEADLINE_SLACK_S = 0.5
+
+
 def _cancel_status(context: grpc.aio.ServicerContext) -> str:
     remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, call: CallLog, limits: Mapping[str, int]):
@@ -97,7 +103,7 @@ def streaming(
     @functools.wraps(method)
     async def handler(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
         call = CallLog.begin(method.__name__, request, context, observer=self.observer)
-        status = "CANCELLED"  # unless something below decides otherwise
+        status = None  # None at the end: the generator was closed (the client went away): cancelled or deadline
         try:
             _authorize(self, method.__name__, context)
             async for response in method(self, request, context, call):
@@ -113,6 +119,8 @@ def streaming(
             status = ""  # _abort logs
             await _abort(context, exc, call, self.limits)
         finally:
+            if status is None:
+                status = _cancel_status(context)
             if status:
                 call.finish(status)
 

@@ -62,6 +62,9 @@ class Runtime:
         )
         self._draining = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loramux-rpc")
+        # Generate's tokenizing and admission on workers of their own: adapter RPCs never wait behind them, and
+        # each is bounded (a text over the engine's byte cap is refused on the loop, untokenized).
+        self._submit_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loramux-submit")
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -81,6 +84,7 @@ class Runtime:
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
+        self.limits.update(engine_limits(engine))  # what the engine resolved against its model (in place: shared)
 
     def stop_accepting(self) -> None:
         self._draining = True
@@ -93,13 +97,17 @@ class Runtime:
         if self._engine is not None:
             self._engine.close(timeout=timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._submit_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- generation -----------------------------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest) -> EventChannel:
-        """Engine.submit off the loop. If the caller is cancelled meanwhile, the request is cancelled too."""
+        """Engine.submit (which tokenizes) on the submit pool, after the checks that need no tokenizing, here on
+        the loop: an oversize prompt is refused at once and never holds a worker. If the caller is cancelled
+        meanwhile, the request is cancelled too."""
         engine = self.engine
-        future = self._pool.submit(engine.submit, request)
+        engine.precheck(request)
+        future = self._submit_pool.submit(engine.submit, request)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -171,6 +179,14 @@ class Runtime:
         """Every loaded adapter, by name, and the default adapter's name."""
         manager = self.manager
         return await self._run(lambda: (manager.list_adapters(), manager.default_adapter))
+
+
+def engine_limits(engine: Engine) -> dict[str, int]:
+    """The limits an engine resolved against its model, by their API name."""
+    limits = {"maxTotalTokens": engine.limits.max_total_tokens, "maxKvMemory": engine.limits.kv.max_bytes}
+    if engine.limits.model_len is not None:
+        limits["maxModelLen"] = engine.limits.model_len
+    return limits
 
 
 def _cancel_channel(future: concurrent.futures.Future[EventChannel]) -> None:

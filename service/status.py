@@ -62,6 +62,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 LIMIT_NAMES = {
     "max_adapters": "maxAdapters",
     "max_adapter_memory": "maxAdapterMemory",
+    "max_kv_memory": "maxKvMemory",
     "queue": "maxQueuedGenerations",
     "input": "maxPromptTokens",
     "stopping.max_new_tokens": "maxTotalTokens",

@@ -15,6 +15,7 @@ from loramux.core.adapters.adapter import LoadedAdapter
 from loramux.core.adapters.claims import Claim
 from loramux.core.adapters.manager import AdapterManager
 from loramux.core.engine.config import EngineConfig
+from loramux.core.engine.limits import EngineLimits
 from loramux.core.engine.requests import AdapterSelection, EventChannel, FinishReason, GenerationRequest
 from loramux.core.engine.sampling import RowSampler
 from loramux.core.engine.text_stream import TextStream
@@ -39,17 +40,38 @@ class Row:
     last_token: int = -1
     finish: FinishReason | None = None
 
+    @property
+    def final_len(self) -> int:
+        """Its length once finished at the latest: what the KV budget counts."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
 
 @dataclass(frozen=True)
 class Admission:
     config: EngineConfig
+    limits: EngineLimits
     tokenizer: Any  # a transformers tokenizer
     manager: AdapterManager
     vocab_size: int
 
+    def precheck(self, request: GenerationRequest) -> None:
+        """The checks that need no tokenizing (cheap enough for an event loop): a text prompt too long to fit."""
+        prompt, cap = request.prompt, self.limits.max_prompt_bytes
+        if isinstance(prompt, str) and (len(prompt) > cap or len(prompt.encode("utf-8", "surrogatepass")) > cap):
+            raise CapacityExceededError(
+                f"the prompt text is longer than {cap} bytes, so it has more than {self.config.max_prompt_tokens}"
+                " tokens (the limit); it was not tokenized",
+                field="input",
+            )
+        if not isinstance(prompt, str) and len(prompt) > self.config.max_prompt_tokens:
+            raise CapacityExceededError(
+                f"prompt has {len(prompt)} tokens, more than the limit {self.config.max_prompt_tokens}", field="input"
+            )
+
     def admit(self, request: GenerationRequest) -> Row:
+        self.precheck(request)
         prompt_ids = self._tokenize(request)
-        cfg = self.config
+        cfg, limits = self.config, self.limits
         if not prompt_ids:
             raise InvalidArgumentError("the prompt is empty", field="input")
         if len(prompt_ids) > cfg.max_prompt_tokens:
@@ -62,10 +84,19 @@ class Admission:
                 f"max_new_tokens must be in [1, {cfg.max_new_tokens_ceiling}] (got {max_new})",
                 field="stopping.max_new_tokens",
             )
-        if len(prompt_ids) + max_new > cfg.max_total_tokens:
+        total = len(prompt_ids) + max_new
+        if total > limits.max_total_tokens:
+            context = f" (the model's context length is {limits.model_len})" if limits.model_len is not None else ""
             raise CapacityExceededError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds {cfg.max_total_tokens} tokens",
+                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds {limits.max_total_tokens} tokens"
+                + context,
                 field="stopping.max_new_tokens",
+            )
+        if not limits.kv.fits([total]):
+            raise CapacityExceededError(
+                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) needs more KV cache than the"
+                f" {limits.kv.max_bytes} bytes allowed, even alone (at most {limits.kv.longest_alone()} tokens fit)",
+                field="max_kv_memory",
             )
         sampler = RowSampler(request.sampling, prompt_ids=prompt_ids)
         text = TextStream(self.tokenizer, stops=request.stop)

@@ -13,7 +13,13 @@ class EngineConfig:
     max_batch_rows: int = 32
     max_queued: int = 256
     max_prompt_tokens: int = 2048
-    max_total_tokens: int = 4096  # prompt + new tokens, per request
+    # prompt + new tokens, per request; None: the model's context length (its positions), else at most that
+    max_total_tokens: int | None = None
+    # Lowers the model's context length (never raises it past what its positions hold: refused at start).
+    max_model_len: int | None = None
+    # Bytes the batch's KV cache may hold (its padded cost, spare room included); None: KV_MEMORY_FRACTION of
+    # the memory available when the engine starts.
+    max_kv_bytes: int | None = None
     default_max_new_tokens: int = 256
     max_new_tokens_ceiling: int = 2048
     # Padded prompt tokens prefilled in one step (rows x longest prompt); the rest join at the next steps, so
@@ -29,19 +35,22 @@ class EngineConfig:
     ragged_attention: bool = True
 
     def __post_init__(self) -> None:
-        small = [f"{name}={getattr(self, name)!r}" for name in LIMITS if not _is_positive_int(getattr(self, name))]
+        given = [name for name in OPTIONAL_LIMITS if getattr(self, name) is not None]
+        small = [f"{n}={getattr(self, n)!r}" for n in (*LIMITS, *given) if not _is_positive_int(getattr(self, n))]
         if small:
             raise ValueError(f"engine limits must be integers >= 1: {', '.join(small)}")
         if not isinstance(self.linear_kernel, LinearKernel):
             raise ValueError(f"linear_kernel must be a LinearKernel (got {self.linear_kernel!r})")
 
 
-# The fields that are limits or sizes (each an int >= 1), in declaration order.
+KV_MEMORY_FRACTION: Final = 0.4  # of the memory available at start, when max_kv_bytes is not given
+
+# The fields that are limits or sizes (each an int >= 1), in declaration order; OPTIONAL_LIMITS may be None.
+OPTIONAL_LIMITS: Final = ("max_total_tokens", "max_model_len", "max_kv_bytes")
 LIMITS: Final = (
     "max_batch_rows",
     "max_queued",
     "max_prompt_tokens",
-    "max_total_tokens",
     "default_max_new_tokens",
     "max_new_tokens_ceiling",
     "max_prefill_tokens",

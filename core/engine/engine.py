@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +25,9 @@ from loramux.core.adapters.manager import AdapterManager
 from loramux.core.engine.admission import Admission, Row
 from loramux.core.engine.chunked_prefill import ChunkedPrefill
 from loramux.core.engine.config import EngineConfig
-from loramux.core.engine.outputs import accept_token, finished_event
+from loramux.core.engine.limits import EngineLimits, resolve_limits
+from loramux.core.engine.load import EngineLoad, engine_load
+from loramux.core.engine.outputs import accept_token, eos_ids, finished_event
 from loramux.core.engine.requests import EventChannel, GenerationRequest, deliver
 from loramux.core.engine.sampling import sample_next_tokens
 from loramux.core.engine.scheduler import Readiness, Scheduler, StepAdmission
@@ -45,20 +46,6 @@ from loramux.core.model.linear_kernels import use_linear_kernel
 from loramux.core.model.ragged_attention import SEGMENTS_KWARG, decode_segments, use_ragged_attention
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """What the engine holds at one moment (for metrics and routers). Adapter names exclude the base model."""
-
-    running: int  # rows in the decode batch
-    waiting: int  # requests queued for a batch row
-    running_adapters: frozenset[str]
-    waiting_adapters: frozenset[str]
-    steps: int  # decode steps so far
-    kv_cache_bytes: int = 0  # memory held by the batch's KV cache, spare room included
-    kv_cache_tokens: int = 0  # token positions the batch's rows use
-    kv_cache_padded_tokens: int = 0  # rows x columns of the left-padded cache (what each step attends over)
 
 
 class Engine:
@@ -81,11 +68,10 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.manager, self.config = model, tokenizer, manager, config
         self._on_step = on_step  # called on the engine thread with the batch size of each decode step
-        self._eos = _eos_ids(model, tokenizer)
+        self._eos = eos_ids(model, tokenizer)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
         self._device = next(model.parameters()).device
-        vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
-        self._admission = Admission(config=config, tokenizer=tokenizer, manager=manager, vocab_size=vocab_size)
+        self.limits: EngineLimits  # set by the engine thread before the constructor returns
         self._scheduler: Scheduler[Row] = Scheduler(
             max_rows=config.max_batch_rows,
             prefill_tokens=config.max_prefill_tokens,
@@ -93,6 +79,8 @@ class Engine:
             prompt_len=lambda row: len(row.prompt_ids),
             state=self._readiness,
             key=lambda row: row.adapter_name,
+            final_len=lambda row: row.final_len,
+            kv_fits=lambda finals: self.limits.kv.fits(finals),
         )
         self._wakeup = threading.Condition()  # guards the scheduler's queue and _stop_requested
         manager.add_load_listener(self._wake)  # a finished adapter load may let waiting requests start
@@ -106,10 +94,15 @@ class Engine:
         self._ragged = False  # decode attention skips rows' left padding (loramux.core.model.ragged_attention)
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="loramux-engine", daemon=True)
+        ready, failed = threading.Event(), list[BaseException]()
+        self._thread = threading.Thread(target=self._run, args=(ready, failed), name="loramux-engine", daemon=True)
         self._thread.start()
         ready.wait()
+        if failed:
+            manager.remove_load_listener(self._wake)
+            raise failed[0]
+        vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
+        self._admission = Admission(config, self.limits, tokenizer, manager, vocab_size)
 
     # -- caller side (any thread) ---------------------------------------------------------------------
 
@@ -134,6 +127,10 @@ class Engine:
             raise
         return row.channel
 
+    def precheck(self, request: GenerationRequest) -> None:
+        """The checks of ``submit`` that need no tokenizing, cheap enough for an event loop (oversize text)."""
+        self._admission.precheck(request)
+
     def _wake(self) -> None:
         with self._wakeup:
             self._wakeup.notify()
@@ -154,22 +151,19 @@ class Engine:
 
     def load(self) -> EngineLoad:
         """A snapshot of the batch and the queue, from any thread (read-only; a row may be mid-admission)."""
-        rows = list(self._rows)
-        chunking = self._chunking
         with self._wakeup:  # held only to copy the queue
             waiting = list(self._scheduler)
-        if chunking is not None:
-            waiting.append(chunking.row)
-        cache, mask = self._cache, self._mask
-        return EngineLoad(
-            running=len(rows),
-            waiting=len(waiting),
-            running_adapters=frozenset(r.adapter.name for r in rows if r.adapter is not None),
-            waiting_adapters=frozenset(r.adapter_name for r in waiting if r.adapter_name is not None),
+            kv_blocked = self._scheduler.kv_blocked
+        cache = self._cache
+        chunk = self._chunking
+        return engine_load(
+            rows=list(self._rows),
+            waiting=[*waiting, *([chunk.row] if chunk is not None else [])],
             steps=self.steps,
-            kv_cache_bytes=cache.allocated_bytes() if cache is not None else 0,
-            kv_cache_tokens=sum(len(r.prompt_ids) + r.generated - 1 for r in rows),  # the newest token: next step
-            kv_cache_padded_tokens=mask.shape[0] * mask.shape[1] if mask is not None else 0,
+            caches=[c for c in (cache, chunk.cache if chunk is not None else None) if c is not None],
+            mask=self._mask,
+            kv_max_bytes=self.limits.kv.max_bytes,
+            kv_blocked=kv_blocked,
         )
 
     def stop_accepting(self) -> None:
@@ -186,10 +180,14 @@ class Engine:
 
     # -- engine thread --------------------------------------------------------------------------------
 
-    def _run(self, ready: threading.Event) -> None:
+    def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
         try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
             self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
             self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
+            self.limits = resolve_limits(self.config, self.model, self.tokenizer)
+        except BaseException as exc:  # the constructor raises it
+            failed.append(exc)
+            return
         finally:
             ready.set()
         while True:
@@ -215,7 +213,11 @@ class Engine:
         """What joins the batch now; waits while nothing runs and nothing can start. None once asked to stop."""
         with self._wakeup:
             while not self._stop_requested:
-                step = self._scheduler.next_step(running=len(self._rows), chunking=self._chunking is not None)
+                chunk = self._chunking
+                finals = [r.final_len for r in (*self._rows, *([chunk.row] if chunk is not None else []))]
+                # rows gone since the buffers were allocated keep their room until the next regrow or merge
+                finals += [1] * (self._cache.buffer_rows() - len(self._rows) if self._cache is not None else 0)
+                step = self._scheduler.next_step(running=len(self._rows), chunking=chunk is not None, finals=finals)
                 if not step.empty or self._rows or self._chunking is not None:
                     return step
                 # idle: woken by a submit, a cancel, a finished adapter load or close (re-checked each second)
@@ -389,12 +391,3 @@ class Engine:
 
 def _weights(rows: Sequence[Row]) -> list[AdapterWeights | None]:
     return [r.adapter.weights if r.adapter is not None else None for r in rows]
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {int(eos)}

@@ -5,6 +5,9 @@ the caller gets (a TokenDelta per token, one Finished at the end). Engine thread
 from __future__ import annotations
 
 from collections.abc import Set
+from typing import Any
+
+from torch import nn
 
 from loramux.core.engine.admission import Row
 from loramux.core.engine.requests import Finished, FinishReason, TokenDelta
@@ -42,3 +45,13 @@ def finished_event(row: Row, reason: FinishReason) -> Finished:
         stop_sequence=row.text.matched_stop,
         seed=None if row.request.sampling.greedy else row.sampler.seed,
     )
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The token ids that end a generation: the model's generation_config, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {int(eos)}

@@ -13,14 +13,17 @@ prefilled; ``state`` says of each waiting request whether it can start (its adap
 - a prompt longer than ``chunk_tokens`` is prefilled a chunk per step, one such prompt at a time; its queue
   waits meanwhile (requests of one adapter keep their order);
 - the others are prefilled together while rows x longest prompt stays within ``prefill_tokens``; the first
-  that would not fit waits, first in its queue, and ends the step's group (a lone prompt always fits).
+  that would not fit waits, first in its queue, and ends the step's group (a lone prompt always fits);
+- with a KV budget (``kv_fits``, given the final lengths of every row the batch would then hold), a request
+  joins only if the batch stays within it until all its rows finish; otherwise its queue waits for rows to
+  leave (``kv_blocked`` counts such requests at the last step).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -61,9 +64,13 @@ class Scheduler(Generic[T]):
         prompt_len: Callable[[T], int],
         state: Callable[[T], Readiness],
         key: Callable[[T], Hashable] = lambda _: None,
+        final_len: Callable[[T], int] | None = None,
+        kv_fits: Callable[[Sequence[int]], bool] | None = None,
     ) -> None:
         self.max_rows, self.prefill_tokens, self.chunk_tokens = max_rows, prefill_tokens, chunk_tokens
         self._prompt_len, self._state, self._key = prompt_len, state, key
+        self._final_len, self._kv_fits = final_len or prompt_len, kv_fits
+        self.kv_blocked = 0  # requests at the head of their queue that waited for KV room at the last step
         self._queues: dict[Hashable, collections.deque[T]] = {}
         # Next to serve first: queues not served since they (re)appeared, in arrival order, then the others in
         # the order they were last served (a served queue goes to the back).
@@ -97,11 +104,14 @@ class Scheduler(Generic[T]):
         self._count = 0
         return items
 
-    def next_step(self, *, running: int, chunking: bool) -> StepAdmission[T]:
+    def next_step(self, *, running: int, chunking: bool, finals: Sequence[int] = ()) -> StepAdmission[T]:
+        """``finals``: the final lengths of the rows running (and of a prompt being chunked), for kv_fits."""
         step: StepAdmission[T] = StepAdmission(dropped=self._drop())
         chunked: T | None = None
         longest = 0  # of the prefill group
         full = False  # the prefill group's budget is spent
+        held = list(finals)  # final lengths of every row the batch holds, admitted ones included
+        blocked: set[Hashable] = set()
         while not full and running + len(step.prefill) + (chunking or chunked is not None) < self.max_rows:
             progress = False
             for key in list(self._order):  # one request per queue per round; a served queue goes last
@@ -109,7 +119,10 @@ class Scheduler(Generic[T]):
                     break
                 queue = self._queues[key]
                 request = queue[0]
-                if self._state(request) is not Readiness.READY:
+                if key in blocked or self._state(request) is not Readiness.READY:
+                    continue
+                if self._kv_fits is not None and not self._kv_fits([*held, self._final_len(request)]):
+                    blocked.add(key)  # waits, first in its queue, for rows to leave
                     continue
                 length = self._prompt_len(request)
                 if length > self.chunk_tokens:
@@ -122,10 +135,12 @@ class Scheduler(Generic[T]):
                 else:
                     step.prefill.append(request)
                     longest = max(longest, length)
+                held.append(self._final_len(request))
                 self._pop(key)
                 progress = True
             if not progress:
                 break
+        self.kv_blocked = len(blocked)
         return StepAdmission(step.prefill, chunked, step.dropped)
 
     def _pop(self, key: Hashable) -> None:

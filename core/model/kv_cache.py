@@ -25,7 +25,9 @@ from transformers.cache_utils import DynamicLayer
 MIN_SPARE = 32  # tokens of room added when a buffer grows
 
 
-def _capacity(needed: int) -> int:
+def buffer_columns(needed: int) -> int:
+    """Token positions a buffer holding ``needed`` gets: a quarter more, at least MIN_SPARE (the KV budget
+    counts this, not ``needed``)."""
     return needed + max(MIN_SPARE, needed // 4)
 
 
@@ -45,7 +47,7 @@ class GrowableLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]
         if not self._holds_views(key_states, length + new):
-            self._regrow(key_states, value_states, length, _capacity(length + new))
+            self._regrow(key_states, value_states, length, buffer_columns(length + new))
         kb, vb, rows, start = self._key_buffer, self._value_buffer, key_states.shape[0], self._start
         assert kb is not None and vb is not None
         kb[:rows, :, start + length : start + length + new].copy_(key_states)
@@ -132,7 +134,7 @@ def left_padded_buffer(parts: Sequence[Tensor], width: int) -> Tensor:
     one new buffer (sum n_i, H, capacity, D) with room to grow: one copy of each part."""
     first = parts[0]
     rows, heads, dim = sum(p.shape[0] for p in parts), first.shape[1], first.shape[3]
-    buffer = torch.empty((rows, heads, _capacity(width), dim), dtype=first.dtype, device=first.device)
+    buffer = torch.empty((rows, heads, buffer_columns(width), dim), dtype=first.dtype, device=first.device)
     row = 0
     for part in parts:
         n, pad = part.shape[0], width - part.shape[2]
@@ -152,3 +154,11 @@ class GrowableCache(DynamicCache):
     def allocated_bytes(self) -> int:
         """Bytes held by every layer's buffers, spare room included (attribute reads only: safe from any thread)."""
         return sum(layer.allocated_bytes() for layer in list(self.layers) if isinstance(layer, GrowableLayer))
+
+    def buffer_rows(self) -> int:
+        """Rows the buffers hold: the batch's rows, plus those that left since the buffers were last allocated
+        (their room is kept until the next regrow or merge)."""
+        layers = [layer for layer in list(self.layers) if isinstance(layer, GrowableLayer)]
+        buffer = layers[0]._key_buffer if layers else None
+        keys = layers[0].keys if layers else None
+        return int(buffer.shape[0]) if buffer is not None else int(keys.shape[0]) if keys is not None else 0
