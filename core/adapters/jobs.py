@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from loramux.core.adapters.adapter import LoadedAdapter, Registration
 from loramux.core.errors import LoramuxError
 
 log = logging.getLogger(__name__)
+LOADER_NICE = 10
 
 
 @dataclass(eq=False)
@@ -50,6 +52,7 @@ class Loader:
                 threading.Thread(target=self._work, name=self._name, daemon=True).start()
 
     def _work(self) -> None:
+        _lower_priority()
         while True:
             with self._lock:
                 if not self._queue:
@@ -60,3 +63,12 @@ class Loader:
                 self._run(job)
             except BaseException:  # run() settles its job itself; this is a bug, and the next job still runs
                 log.exception("adapter load of %r failed outside its job", job.name)
+
+
+def _lower_priority() -> None:
+    """Loads yield the CPU to the engine's threads (Linux: a thread has its own nice value): a load is ~10 ms
+    of copies and checks, and on a machine the engine keeps busy it would slow every running stream's step."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: loads run at the engine's priority
+        pass

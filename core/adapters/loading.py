@@ -41,9 +41,10 @@ def read_state_dict(path: Path, device: torch.device | str) -> dict[str, Tensor]
     """adapter_model.safetensors, or adapter_model.bin read with weights_only=True."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            state = load_file(str(path), device=str(device))
+            # the bytes read at once, then parsed: about twice as fast as load_file's mapped reads (bench.scale)
+            state = {k: v.to(device) for k, v in load(path.read_bytes()).items()}
         else:
             state = torch.load(str(path), map_location=device, weights_only=True)
     except Exception as exc:  # safetensors and pickle raise many unrelated types for a bad file
@@ -78,6 +79,8 @@ def read_adapter_weights(
     used: set[str] = set()
     missing: list[str] = []
     weights = AdapterWeights()
+    arena = _Arena(options)
+    pending: list[tuple[Target, int]] = []
     for target in targets:
         keys = adapter_keys(target, adapter_name)
         if spec.lora_bias and target.kind is TargetKind.LINEAR:
@@ -90,14 +93,18 @@ def read_adapter_weights(
             continue
         tensors = _checked(target, by_role, problems, options.max_rank)
         if tensors is not None:
-            _add_target(weights, target, tensors, modules[target.name], options)
+            pending.append(_request_target(target, tensors, modules[target.name], arena))
     for name in saved_module_names:
         replica = copy_module(modules[name])
         _add_saved_module(weights, name, state, replica, used, problems, options)
     unexpected = [k for k in state if k not in used and not _is_unchanged_base(k, state[k], base_params, problems)]
     if problems:
         raise IncompatibleAdapterError("adapter weights do not fit the base model", problems=problems)
-    _check_finite(weights)
+    arena.materialize()
+    for target, slot in pending:
+        _add_target(weights, target, arena.placed(slot))
+    if weights.saved_modules or not arena.finite():  # the arena holds LoRA tensors only
+        _check_finite(weights)  # checks each tensor, naming the modules
     return LoadedWeights(weights, tuple(missing), tuple(unexpected))
 
 
@@ -165,32 +172,66 @@ def lora_dtype(base_dtype: torch.dtype, autocast: bool) -> torch.dtype:
     return base_dtype
 
 
-def _place(tensor: Tensor, base: Tensor, options: LoadOptions) -> Tensor:
-    dtype = lora_dtype(base.dtype, options.autocast_adapter_dtype)
-    if options.work_device is not None:
-        tensor = tensor.to(options.work_device)
-    placed = tensor.to(device=base.device, dtype=dtype).contiguous()
-    return nn.Parameter(placed, requires_grad=True) if options.trainable else placed
+class _Arena:
+    """Where an adapter's tensors are placed: one buffer per device and dtype for the whole adapter, each tensor
+    a view of it, copied once into its final layout. One allocation per adapter instead of one per tensor (a
+    thousand adapters' churn does not fragment the heap), and one finiteness check over the whole buffer.
+
+    ``request`` records what to place and returns a slot; ``materialize`` allocates and copies; ``placed`` then
+    gives each slot's tensors."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        self.options = options
+        self._requests: list[tuple[list[Tensor], torch.device, torch.dtype]] = []
+        self._placed: list[list[Tensor]] = []
+        self._buffers: list[Tensor] = []
+
+    def request(self, tensors: list[Tensor], base: Tensor) -> int:
+        self._requests.append((tensors, base.device, lora_dtype(base.dtype, self.options.autocast_adapter_dtype)))
+        return len(self._requests) - 1
+
+    def materialize(self) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], int] = {}
+        for tensors, device, dtype in self._requests:
+            groups[(device, dtype)] = groups.get((device, dtype), 0) + sum(t.numel() for t in tensors)
+        buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in groups.items()}
+        self._buffers = list(buffers.values())
+        offsets = dict.fromkeys(buffers, 0)
+        for tensors, device, dtype in self._requests:
+            placed = []
+            for tensor in tensors:
+                if self.options.work_device is not None:
+                    tensor = tensor.to(self.options.work_device)
+                at = offsets[(device, dtype)]
+                view = buffers[(device, dtype)][at : at + tensor.numel()].view(tensor.shape)
+                view.copy_(tensor)
+                offsets[(device, dtype)] = at + tensor.numel()
+                placed.append(nn.Parameter(view, requires_grad=True) if self.options.trainable else view)
+            self._placed.append(placed)
+
+    def placed(self, slot: int) -> list[Tensor]:
+        return self._placed[slot]
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(buffer).all()) for buffer in self._buffers)
 
 
-def _add_target(
-    weights: AdapterWeights,
-    target: Target,
-    tensors: Mapping[str, Tensor],
-    module: nn.Module,
-    options: LoadOptions,
-) -> None:
+def _request_target(target: Target, tensors: Mapping[str, Tensor], module: nn.Module, arena: _Arena):
     base = module.weight
     assert isinstance(base, Tensor)
     if target.kind is TargetKind.EMBEDDING:
-        A, B = _place(tensors["A"], base, options), _place(tensors["B"], base, options)
-        weights.embedding[target.name] = EmbeddingLora(A, B, target.scaling)
-        return
+        return target, arena.request([tensors["A"], tensors["B"]], base)
     # placed transposed (LinearLora's layout): one copy, and trainable parameters are the stored tensors
-    At, Bt = _place(tensors["A"].T, base, options), _place(tensors["B"].T, base, options)
     bias = tensors.get("bias")
-    placed_bias = _place(bias, base, options) if bias is not None else None
-    weights.linear[target.name] = LinearLora(At, Bt, placed_bias, target.scaling)
+    return target, arena.request([tensors["A"].T, tensors["B"].T, *([bias] if bias is not None else [])], base)
+
+
+def _add_target(weights: AdapterWeights, target: Target, placed: list[Tensor]) -> None:
+    if target.kind is TargetKind.EMBEDDING:
+        weights.embedding[target.name] = EmbeddingLora(placed[0], placed[1], target.scaling)
+        return
+    At, Bt, *rest = placed
+    weights.linear[target.name] = LinearLora(At, Bt, rest[0] if rest else None, target.scaling)
 
 
 def _add_saved_module(
