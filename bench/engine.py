@@ -35,11 +35,14 @@ def prompts(count: int) -> list[list[int]]:
     return torch.randint(1, 8192, (count, PROMPT_TOKENS), generator=generator).tolist()
 
 
-def run_engine(engine: Engine, adapters: list[str | AdapterSelection], *, latencies: dict | None = None) -> float:
-    """Submit one request per adapter entry at once; returns generated tokens per second."""
+def run_engine(
+    engine: Engine, adapters: list[str | AdapterSelection], *, latencies: dict | None = None, **extra: object
+) -> float:
+    """Submit one request per adapter entry at once (``extra``: more GenerationRequest fields); returns generated
+    tokens per second."""
     start = time.perf_counter()
     channels = [
-        engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=NEW_TOKENS, ignore_eos=True, **extra))  # type: ignore[arg-type]
         for p, a in zip(prompts(len(adapters)), adapters, strict=True)
     ]
     stamps: list[list[float]] = [[] for _ in channels]
@@ -122,7 +125,13 @@ def in_fresh_thread(fn: Callable[[], T]) -> T:
 
 
 def engine_case(
-    base, tokenizer, paths: list[Path], pick: Callable[[list[str]], list], *, kernel: LinearKernel = LinearKernel.ONEDNN
+    base,
+    tokenizer,
+    paths: list[Path],
+    pick: Callable[[list[str]], list],
+    *,
+    kernel: LinearKernel = LinearKernel.ONEDNN,
+    **extra: object,
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
 
@@ -136,8 +145,8 @@ def engine_case(
         # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
         engine, names = in_fresh_thread(lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel))
         try:
-            run_engine(engine, pick(names))  # warm-up, untimed
-            return run_engine(engine, pick(names), latencies=latencies)
+            run_engine(engine, pick(names), **extra)  # warm-up, untimed
+            return run_engine(engine, pick(names), latencies=latencies, **extra)
         finally:
             engine.close()
 
@@ -181,6 +190,9 @@ def main() -> None:
         tput = measure(
             {
                 "engine 8 distinct adapters": engine_case(base, tok, s["paths"], lambda names: names),
+                "engine 8 distinct adapters, logprobs top-5": engine_case(
+                    base, tok, s["paths"], lambda names: names, logprobs=True, top_logprobs=5
+                ),
                 "engine no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS),
                 "engine no adapters, torch GEMM (MKL)": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.TORCH
@@ -215,6 +227,11 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
         ("engine without adapters vs transformers generate", bare / tput["transformers generate"], 1.0),
         ("8 distinct adapters vs peft mixed-batch generate", ours / tput["peft mixed-batch generate"], 3.5),
         ("8 distinct adapters vs peft sequential", ours / tput["peft sequential set_adapter+generate"], 6.0),
+        (
+            "logprobs top-5 on every request vs none (8 rows)",
+            tput["engine 8 distinct adapters, logprobs top-5"] / ours,
+            0.9,
+        ),
         (
             "64 distinct adapters vs 64 on one adapter",
             tput64["64 requests, 64 distinct adapters"] / tput64["64 requests, one shared adapter"],

@@ -24,12 +24,15 @@ if TYPE_CHECKING:
     from loramux.core.engine.load import EngineLoad
     from loramux.core.engine.requests import (
         AdapterSelection,
+        ChatMessage,
+        ChatPrompt,
         EventChannel,
         Finished,
         FinishReason,
         GenerationEvent,
         GenerationRequest,
         TokenDelta,
+        TokenLogprob,
     )
     from loramux.core.engine.sampling import SamplingParams
     from loramux.core.model.linear_kernels import LinearKernel
@@ -48,6 +51,9 @@ _PUBLIC = {
     "GenerationEvent": "loramux.core.engine.requests",
     "GenerationRequest": "loramux.core.engine.requests",
     "TokenDelta": "loramux.core.engine.requests",
+    "ChatMessage": "loramux.core.engine.requests",
+    "ChatPrompt": "loramux.core.engine.requests",
+    "TokenLogprob": "loramux.core.engine.requests",
     "SamplingParams": "loramux.core.engine.sampling",
     "LinearKernel": "loramux.core.model.linear_kernels",
 }
@@ -55,6 +61,8 @@ __all__ = [
     "AdapterInfo",
     "AdapterManager",
     "AdapterSelection",
+    "ChatMessage",
+    "ChatPrompt",
     "Engine",
     "EngineConfig",
     "EngineLoad",
@@ -67,6 +75,7 @@ __all__ = [
     "LoadResult",
     "SamplingParams",
     "TokenDelta",
+    "TokenLogprob",
 ]
 
 

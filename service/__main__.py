@@ -209,7 +209,7 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
         "--auth-tokens-file",
         metavar="FILE",
         help="require `authorization: Bearer TOKEN` on loramux RPCs; FILE has `ROLE TOKEN` lines, role admin "
-        "(every RPC) or generate (Generate, ListAdapters, GetAdapter) (default: off)",
+        "(every RPC) or generate (Generate, Tokenize, ListAdapters, GetAdapter) (default: off)",
     )
 
 

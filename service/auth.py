@@ -1,9 +1,9 @@
 """Bearer-token authorization for the loramux services (off unless ``--auth-tokens-file`` is given).
 
-Each token has a role. ``generate`` may call Generate and read adapters (ListAdapters, GetAdapter); ``admin``
-may call everything, including the calls that change what the server holds (LoadAdapter, UnloadAdapter,
-SetAdapter). Clients send ``authorization: Bearer <token>`` metadata. Health and reflection are separate
-services and need none, so probes and grpcurl keep working.
+Each token has a role. ``generate`` may call Generate and Tokenize and read adapters (ListAdapters,
+GetAdapter); ``admin`` may call everything, including the calls that change what the server holds
+(LoadAdapter, UnloadAdapter, SetAdapter). Clients send ``authorization: Bearer <token>`` metadata. Health
+and reflection are separate services and need none, so probes and grpcurl keep working.
 
 The check runs inside the rpc.unary/streaming wrappers, so a refused call gets the same request id,
 rich status, access-log line and metrics as any other: UNAUTHENTICATED for a missing or unknown token,
@@ -31,7 +31,7 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
-GENERATE_METHODS = frozenset({"Generate", "ListAdapters", "GetAdapter"})  # what a generate token may call
+GENERATE_METHODS = frozenset({"Generate", "Tokenize", "ListAdapters", "GetAdapter"})  # what a generate token may call
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ log = logging.getLogger("loramux.service")
 access_log = logging.getLogger("loramux.access")
 
 REQUEST_ID_KEY = "x-request-id"
+MIX_LABEL = "(mix)"  # the adapter of a request that runs with a weighted mix
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # W3C Trace Context
 
@@ -106,8 +107,9 @@ class CallLog:
         return time.monotonic() - self.started
 
     def admitted(self, channel: EventChannel) -> None:
-        """Generate was accepted by the engine: what it resolved (the adapter; "" for the bare base model)."""
-        self.adapter = channel.adapter or ""
+        """Generate was accepted by the engine: what it resolved (the adapter; "" for the bare base model,
+        MIX_LABEL for a weighted mix of adapters)."""
+        self.adapter = MIX_LABEL if channel.mix else channel.adapter or ""
         self.prompt_tokens = channel.prompt_tokens
 
     def record(self, event: GenerationEvent) -> None:
@@ -117,7 +119,7 @@ class CallLog:
                 self._time_tokens(n)
             self.completion_tokens = (self.completion_tokens or 0) + n
         elif isinstance(event, Finished):
-            self.adapter = event.adapter or ""
+            self.adapter = MIX_LABEL if event.adapter_mix else event.adapter or ""
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
 
     def _time_tokens(self, n: int) -> None:

@@ -13,10 +13,11 @@ from pathlib import PurePosixPath
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loramux.core import AdapterSelection, Finished, FinishReason, GenerationEvent, GenerationRequest, SamplingParams
+from loramux.core import AdapterSelection, Finished, FinishReason, GenerationEvent, GenerationRequest
 from loramux.core.adapters.adapter import AdapterInfo, AdapterState, LoadResult
 from loramux.core.adapters.names import validate_adapter_name
 from loramux.core.adapters.sources import SourceKind
+from loramux.core.engine.requests import ChatMessage, ChatPrompt, Prompt, SamplingParams, TokenLogprob
 from loramux.core.errors import InvalidArgumentError
 from loramux.service import pagination
 from loramux.service.calls import valid_request_id
@@ -34,6 +35,7 @@ _FINISH_REASONS = {
     FinishReason.EOS: gpb.FINISH_REASON_EOS,
     FinishReason.STOP_SEQUENCE: gpb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.LENGTH: gpb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_TOKEN: gpb.FINISH_REASON_STOP_TOKEN,
 }
 _SOURCE_KINDS = {SourceKind.LOCAL: apb.ADAPTER_SOURCE_KIND_LOCAL, SourceKind.HUB: apb.ADAPTER_SOURCE_KIND_HUB}
 _STATES = {
@@ -54,6 +56,8 @@ def generation_request(pb: gpb.GenerateRequest, *, request_id: str) -> Generatio
     if pb.request_id and not valid_request_id(pb.request_id):
         raise _invalid("request_id", "request_id must be at most 128 characters of letters, digits, '_', '.', ':', '-'")
     stopping = pb.stopping
+    if pb.adapter_mix and pb.HasField("adapter"):
+        raise _invalid("adapter_mix", "adapter_mix replaces adapter: set one of them")
     return GenerationRequest(
         prompt=_prompt(pb),
         adapter=_adapter_choice(pb),
@@ -63,19 +67,32 @@ def generation_request(pb: gpb.GenerateRequest, *, request_id: str) -> Generatio
         ignore_eos=stopping.ignore_eos,
         apply_chat_template=pb.apply_chat_template,
         request_id=request_id,
+        adapter_mix=tuple((validate_adapter_name(m.name, field="adapter_mix"), m.weight) for m in pb.adapter_mix),
+        logprobs=pb.logprobs,
+        top_logprobs=pb.top_logprobs,
+        prompt_logprobs=pb.prompt_logprobs,
+        min_new_tokens=stopping.min_new_tokens,
+        stop_token_ids=tuple(stopping.stop_token_ids),
     )
 
 
-def _prompt(pb: gpb.GenerateRequest) -> str | tuple[int, ...]:
+def tokenize_request(pb: gpb.TokenizeRequest) -> GenerationRequest:
+    """What Tokenize renders: Generate's prompt handling, nothing else."""
+    return GenerationRequest(prompt=_prompt(pb), apply_chat_template=pb.apply_chat_template)
+
+
+def _prompt(pb: gpb.GenerateRequest | gpb.TokenizeRequest) -> Prompt:
     kind = pb.WhichOneof("input")
-    if kind == "token_ids":
+    if kind == "token_ids" and isinstance(pb, gpb.GenerateRequest):
         if not pb.token_ids.ids:
             raise _invalid("input", "token_ids holds no token ids")
         if pb.apply_chat_template:
             raise _invalid("apply_chat_template", "apply_chat_template needs a text prompt, not token_ids")
         return tuple(pb.token_ids.ids)
+    if kind == "messages":
+        return ChatPrompt(tuple(ChatMessage(m.role, m.content) for m in pb.messages.messages))
     if kind != "text":
-        raise _invalid("input", "the prompt is missing: set `text` or `token_ids`")
+        raise _invalid("input", "the prompt is missing: set `text`, `token_ids` or `messages`")
     return pb.text  # an empty text is refused by the engine once tokenized (field `input`)
 
 
@@ -97,6 +114,10 @@ def _sampling(pb: gpb.SamplingParams) -> SamplingParams:
         top_p=opt("top_p"),
         repetition_penalty=opt("repetition_penalty"),
         seed=opt("seed"),  # type: ignore[arg-type]
+        presence_penalty=opt("presence_penalty"),
+        frequency_penalty=opt("frequency_penalty"),
+        min_p=opt("min_p"),
+        typical_p=opt("typical_p"),
     )
 
 
@@ -111,7 +132,8 @@ def _stop_sequences(stop: Sequence[str]) -> tuple[str, ...]:
 
 def generate_response(event: GenerationEvent) -> gpb.GenerateResponse:
     if not isinstance(event, Finished):
-        return gpb.GenerateResponse(chunk=gpb.TokenChunk(text=event.text, token_ids=event.token_ids))
+        chunk = gpb.TokenChunk(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
+        return gpb.GenerateResponse(chunk=chunk)
     finished = gpb.GenerationFinished(
         finish_reason=_FINISH_REASONS[event.reason],
         usage=gpb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
@@ -119,8 +141,26 @@ def generate_response(event: GenerationEvent) -> gpb.GenerateResponse:
         adapter_version=event.adapter_version,
         stop_sequence=event.stop_sequence or "",
         seed=event.seed,
+        stop_token_id=event.stop_token_id,
+        prompt_logprobs=_logprobs(event.prompt_logprobs),
+        adapter_mix=[gpb.MixMember(name=m.name, version=m.version, weight=m.weight) for m in event.adapter_mix],
     )
     return gpb.GenerateResponse(finished=finished)
+
+
+def _logprobs(entries: Sequence[TokenLogprob]) -> list[gpb.TokenLogprob]:
+    return [
+        gpb.TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top=[gpb.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in e.top],
+        )
+        for e in entries
+    ]
+
+
+def tokenize_response(ids: Sequence[int]) -> gpb.TokenizeResponse:
+    return gpb.TokenizeResponse(token_ids=ids, count=len(ids))
 
 
 # -- AdapterService -------------------------------------------------------------------------------------

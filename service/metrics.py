@@ -33,7 +33,7 @@ from loramux.core import Engine, EngineLoad
 from loramux.core.adapters.adapter import AdapterEvent, AdapterEventKind, AdapterInfo, AdapterState
 from loramux.core.adapters.claims import ClaimStats
 from loramux.core.adapters.manager import AdapterManager
-from loramux.service.calls import CallLog
+from loramux.service.calls import MIX_LABEL, CallLog
 
 log = logging.getLogger("loramux.service")
 
@@ -167,7 +167,7 @@ class Metrics:
     def adapter_label(self, name: str | None) -> str:
         if not name:
             return BASE_LABEL
-        return name if name in self._known else OTHER_LABEL
+        return name if name in self._known or name == MIX_LABEL else OTHER_LABEL
 
 
 class _StateCollector(Collector):

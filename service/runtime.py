@@ -114,6 +114,12 @@ class Runtime:
             future.add_done_callback(_cancel_channel)
             raise
 
+    async def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids as Generate sees them, on the submit pool (after the same precheck)."""
+        engine = self.engine
+        engine.precheck(request)
+        return await asyncio.wrap_future(self._submit_pool.submit(engine.tokenize, request))
+
     # -- adapters -------------------------------------------------------------------------------------
 
     @property

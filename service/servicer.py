@@ -88,3 +88,8 @@ class GenerationServicer(_Servicer, gpb_grpc.GenerationServiceServicer):
                 yield convert.generate_response(event)
         finally:
             channel.cancel()  # no-op once finished; otherwise frees the engine row within one step
+
+    @rpc.unary
+    async def Tokenize(self, request: gpb.TokenizeRequest, context: Context, call: CallLog) -> gpb.TokenizeResponse:
+        ids = await self._runtime.tokenize(convert.tokenize_request(request))
+        return convert.tokenize_response(ids)

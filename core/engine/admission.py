@@ -1,49 +1,37 @@
 """Admitting a generation request: tokenize, check every limit, claim the adapter, before it is queued.
 
 This runs on the caller's thread (``Engine.submit``): bad input fails at submission with a typed error naming
-the field, never later inside the batch, and nothing is queued for a request that cannot run. The adapter is
-claimed last (a lease on a resident adapter, or a place in the load of one that is not; see
-loramux.core.adapters.claims), so a request refused here holds nothing.
+the field, never later inside the batch, and nothing is queued for a request that cannot run. The adapter (or
+each member of a mix) is claimed last (a lease on a resident adapter, or a place in the load of one that is
+not; see loramux.core.adapters.claims), so a request refused here holds nothing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from loramux.core.adapters.adapter import LoadedAdapter
 from loramux.core.adapters.claims import Claim
 from loramux.core.adapters.manager import AdapterManager
 from loramux.core.engine.config import EngineConfig
 from loramux.core.engine.limits import EngineLimits
-from loramux.core.engine.requests import AdapterSelection, EventChannel, FinishReason, GenerationRequest
+from loramux.core.engine.prompts import prompt_ids
+from loramux.core.engine.requests import (
+    MAX_TOP_LOGPROBS,
+    AdapterSelection,
+    ChatPrompt,
+    EventChannel,
+    GenerationRequest,
+)
+from loramux.core.engine.row import Row
 from loramux.core.engine.sampling import RowSampler
 from loramux.core.engine.text_stream import TextStream
-from loramux.core.errors import CapacityExceededError, InvalidArgumentError, LoramuxError
+from loramux.core.errors import CapacityExceededError, InvalidArgumentError
 
-
-@dataclass(eq=False)
-class Row:
-    """A request admitted to the engine, and its progress once it runs (engine thread only)."""
-
-    request: GenerationRequest
-    channel: EventChannel
-    adapter_name: str | None  # what it runs with (None: the base model), resolved at admission
-    claim: Claim  # on that adapter: given back (AdapterManager.release) when the row leaves, whatever happens
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampler: RowSampler
-    text: TextStream
-    adapter: LoadedAdapter | None = None  # once its claim is settled (before it joins the batch)
-    error: LoramuxError | None = None  # why it could not start (its adapter failed to load)
-    generated: int = 0
-    last_token: int = -1
-    finish: FinishReason | None = None
-
-    @property
-    def final_len(self) -> int:
-        """Its length once finished at the latest: what the KV budget counts."""
-        return len(self.prompt_ids) + self.max_new_tokens
+MAX_STOP_TOKEN_IDS: Final = 16
+MAX_MIX_MEMBERS: Final = 8
+MAX_MIX_WEIGHT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,30 +41,63 @@ class Admission:
     tokenizer: Any  # a transformers tokenizer
     manager: AdapterManager
     vocab_size: int
+    eos: frozenset[int] = frozenset()
 
     def precheck(self, request: GenerationRequest) -> None:
         """The checks that need no tokenizing (cheap enough for an event loop): a text prompt too long to fit."""
         prompt, cap = request.prompt, self.limits.max_prompt_bytes
-        if isinstance(prompt, str) and (len(prompt) > cap or len(prompt.encode("utf-8", "surrogatepass")) > cap):
+        text = "".join(m.content for m in prompt.messages) if isinstance(prompt, ChatPrompt) else prompt
+        if isinstance(text, str) and (len(text) > cap or len(text.encode("utf-8", "surrogatepass")) > cap):
             raise CapacityExceededError(
                 f"the prompt text is longer than {cap} bytes, so it has more than {self.config.max_prompt_tokens}"
                 " tokens (the limit); it was not tokenized",
                 field="input",
             )
-        if not isinstance(prompt, str) and len(prompt) > self.config.max_prompt_tokens:
+        if not isinstance(text, str) and len(text) > self.config.max_prompt_tokens:
             raise CapacityExceededError(
-                f"prompt has {len(prompt)} tokens, more than the limit {self.config.max_prompt_tokens}", field="input"
+                f"prompt has {len(text)} tokens, more than the limit {self.config.max_prompt_tokens}", field="input"
             )
 
-    def admit(self, request: GenerationRequest) -> Row:
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, as Generate sees them (Tokenize's answer)."""
         self.precheck(request)
-        prompt_ids = self._tokenize(request)
+        return prompt_ids(
+            self.tokenizer, request.prompt, apply_chat_template=request.apply_chat_template, vocab_size=self.vocab_size
+        )
+
+    def admit(self, request: GenerationRequest) -> Row:
+        ids = self.tokenize(request)
+        max_new = self._check_lengths(request, ids)
+        self._check_options(request, max_new)
+        suppressed = frozenset(self.eos | set(request.stop_token_ids)) if request.min_new_tokens else frozenset()
+        sampler = RowSampler(
+            request.sampling, prompt_ids=ids, min_new_tokens=request.min_new_tokens, suppressed=suppressed
+        )
+        text = TextStream(self.tokenizer, stops=request.stop)
+        claims, key = self._claims(request)
+        single = claims[0] if len(claims) == 1 and not request.adapter_mix else None
+        return Row(
+            request=request,
+            channel=EventChannel(
+                adapter=key if not request.adapter_mix else None, prompt_tokens=len(ids), mix=bool(request.adapter_mix)
+            ),
+            key=key,
+            claims=claims,
+            prompt_ids=ids,
+            max_new_tokens=max_new,
+            sampler=sampler,
+            text=text,
+            adapter=single.adapter if single is not None else None,
+            weights=single.adapter.weights if single is not None and single.adapter is not None else None,
+        )
+
+    def _check_lengths(self, request: GenerationRequest, ids: list[int]) -> int:
         cfg, limits = self.config, self.limits
-        if not prompt_ids:
+        if not ids:
             raise InvalidArgumentError("the prompt is empty", field="input")
-        if len(prompt_ids) > cfg.max_prompt_tokens:
+        if len(ids) > cfg.max_prompt_tokens:
             raise CapacityExceededError(
-                f"prompt has {len(prompt_ids)} tokens, more than the limit {cfg.max_prompt_tokens}", field="input"
+                f"prompt has {len(ids)} tokens, more than the limit {cfg.max_prompt_tokens}", field="input"
             )
         max_new = request.max_new_tokens if request.max_new_tokens is not None else cfg.default_max_new_tokens
         if not 1 <= max_new <= cfg.max_new_tokens_ceiling:
@@ -84,62 +105,75 @@ class Admission:
                 f"max_new_tokens must be in [1, {cfg.max_new_tokens_ceiling}] (got {max_new})",
                 field="stopping.max_new_tokens",
             )
-        total = len(prompt_ids) + max_new
+        total = len(ids) + max_new
         if total > limits.max_total_tokens:
             context = f" (the model's context length is {limits.model_len})" if limits.model_len is not None else ""
             raise CapacityExceededError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds {limits.max_total_tokens} tokens"
-                + context,
+                f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceeds {limits.max_total_tokens} tokens" + context,
                 field="stopping.max_new_tokens",
             )
         if not limits.kv.fits([total]):
             raise CapacityExceededError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) needs more KV cache than the"
+                f"prompt ({len(ids)}) + max_new_tokens ({max_new}) needs more KV cache than the"
                 f" {limits.kv.max_bytes} bytes allowed, even alone (at most {limits.kv.longest_alone()} tokens fit)",
                 field="max_kv_memory",
             )
-        sampler = RowSampler(request.sampling, prompt_ids=prompt_ids)
-        text = TextStream(self.tokenizer, stops=request.stop)
-        claim, name = self._claim(request.adapter)
-        return Row(
-            request=request,
-            channel=EventChannel(adapter=name, prompt_tokens=len(prompt_ids)),
-            adapter_name=name,
-            claim=claim,
-            adapter=claim.adapter,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
-            sampler=sampler,
-            text=text,
-        )
+        return max_new
 
-    def _claim(self, choice: str | AdapterSelection) -> tuple[Claim, str | None]:
+    def _check_options(self, request: GenerationRequest, max_new: int) -> None:
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {request.top_logprobs})", field="top_logprobs"
+            )
+        if not 0 <= request.min_new_tokens <= max_new:
+            raise InvalidArgumentError(
+                f"min_new_tokens must be in [0, max_new_tokens={max_new}] (got {request.min_new_tokens})",
+                field="stopping.min_new_tokens",
+            )
+        stops = request.stop_token_ids
+        if len(stops) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < self.vocab_size for t in stops):
+            raise InvalidArgumentError(
+                f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} ids below the vocabulary size {self.vocab_size}",
+                field="stopping.stop_token_ids",
+            )
+        if request.adapter_mix:
+            _check_mix(request)
+
+    def _claims(self, request: GenerationRequest) -> tuple[list[Claim], str | None]:
+        """The claims the row holds, and its queue key. All or nothing: a refused member releases the others."""
+        if request.adapter_mix:
+            claims: list[Claim] = []
+            try:
+                for name, _ in request.adapter_mix:
+                    claims.append(self.manager.claim(name))
+            except BaseException:
+                for claim in claims:
+                    self.manager.release(claim)
+                raise
+            return claims, "+".join(name for name, _ in request.adapter_mix)
+        choice = request.adapter
         if choice is AdapterSelection.BASE:
-            return Claim(), None
+            return [], None
         claim = self.manager.claim_default() if choice is AdapterSelection.DEFAULT else self.manager.claim(choice)
         job = claim.job
-        return claim, claim.adapter.name if claim.adapter is not None else job.name if job is not None else None
+        resolved = claim.adapter.name if claim.adapter is not None else job.name if job is not None else None
+        return ([claim] if resolved is not None else []), resolved
 
-    def _tokenize(self, request: GenerationRequest) -> list[int]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            if request.apply_chat_template:
-                if not getattr(self.tokenizer, "chat_template", None):
-                    raise InvalidArgumentError(
-                        "this model's tokenizer has no chat template", field="apply_chat_template"
-                    )
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
-                )
-                return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if request.apply_chat_template:
-            raise InvalidArgumentError("apply_chat_template needs a text prompt", field="apply_chat_template")
-        vocab = self.vocab_size
-        ids = list(prompt)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise InvalidArgumentError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field="token_ids"
-            )
-        return ids
+
+def _check_mix(request: GenerationRequest) -> None:
+    mix = request.adapter_mix
+    problem = None
+    if request.adapter is not AdapterSelection.DEFAULT:
+        problem = "adapter_mix replaces adapter: set one of them"
+    elif not 2 <= len(mix) <= MAX_MIX_MEMBERS:
+        problem = f"adapter_mix needs 2 to {MAX_MIX_MEMBERS} adapters (got {len(mix)})"
+    elif len({name for name, _ in mix}) != len(mix):
+        problem = "adapter_mix names an adapter more than once"
+    elif not all(_is_weight(w) for _, w in mix):
+        problem = f"adapter_mix weights must be finite, non-zero and in [-{MAX_MIX_WEIGHT}, {MAX_MIX_WEIGHT}]"
+    if problem is not None:
+        raise InvalidArgumentError(problem, field="adapter_mix")
+
+
+def _is_weight(w: object) -> bool:
+    return isinstance(w, int | float) and math.isfinite(w) and w != 0 and abs(w) <= MAX_MIX_WEIGHT

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from loramux.core.engine.admission import Row
+from loramux.core.engine.logprobs import logprobs_of
+from loramux.core.engine.row import Row
 from loramux.core.lora.routing import RoutingPlan, use_plan
 from loramux.core.model.kv_cache import GrowableCache
 
@@ -36,6 +37,7 @@ class ChunkedPrefill:
         prompt = self.row.prompt_ids
         start, end = self.done, min(self.done + chunk, len(prompt))
         ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=device)  # (1, C)
+        request = self.row.request
         with use_plan(self.plan):
             out = model(
                 input_ids=ids,
@@ -43,8 +45,12 @@ class ChunkedPrefill:
                 position_ids=torch.arange(start, end, device=device).unsqueeze(0),  # (1, C)
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if request.prompt_logprobs else 1,
             )
+        if request.prompt_logprobs:  # position t predicts prompt token t + 1: this chunk's, and the next's first
+            targets = prompt[start + 1 : end + 1]
+            top = [request.top_logprobs] * len(targets)
+            self.row.prompt_logprobs += logprobs_of(out.logits[0, : len(targets)], targets, top) if targets else []
         self.done = end
         return out.logits[:, -1, :] if self.finished else None
 

@@ -22,15 +22,17 @@ import torch
 from torch import Tensor, nn
 
 from loramux.core.adapters.manager import AdapterManager
-from loramux.core.engine.admission import Admission, Row
+from loramux.core.engine.admission import Admission
 from loramux.core.engine.chunked_prefill import ChunkedPrefill
 from loramux.core.engine.config import EngineConfig
 from loramux.core.engine.limits import EngineLimits, resolve_limits
 from loramux.core.engine.load import EngineLoad, engine_load
+from loramux.core.engine.logprobs import logprobs_of, prompt_logprobs
 from loramux.core.engine.outputs import accept_token, eos_ids, finished_event
-from loramux.core.engine.requests import EventChannel, GenerationRequest, deliver
+from loramux.core.engine.requests import EventChannel, GenerationRequest, TokenLogprob, deliver
+from loramux.core.engine.row import Row
 from loramux.core.engine.sampling import sample_next_tokens
-from loramux.core.engine.scheduler import Readiness, Scheduler, StepAdmission
+from loramux.core.engine.scheduler import Scheduler, StepAdmission
 from loramux.core.errors import (
     CapacityExceededError,
     EngineFailure,
@@ -38,7 +40,7 @@ from loramux.core.errors import (
     RequestCancelledError,
     ShuttingDownError,
 )
-from loramux.core.lora.routing import RoutingPlan, extend_plan, swap_remove, use_plan
+from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap_remove, use_plan
 from loramux.core.lora.weights import AdapterWeights
 from loramux.core.model import kv_batch
 from loramux.core.model.kv_cache import GrowableCache
@@ -77,8 +79,8 @@ class Engine:
             prefill_tokens=config.max_prefill_tokens,
             chunk_tokens=config.prefill_chunk_tokens,
             prompt_len=lambda row: len(row.prompt_ids),
-            state=self._readiness,
-            key=lambda row: row.adapter_name,
+            state=lambda row: row.readiness(self.manager),
+            key=lambda row: row.key,
             final_len=lambda row: row.final_len,
             kv_fits=lambda finals: self.limits.kv.fits(finals),
         )
@@ -102,7 +104,7 @@ class Engine:
             manager.remove_load_listener(self._wake)
             raise failed[0]
         vocab_size: int = getattr(model, "get_input_embeddings")().num_embeddings  # noqa: B009
-        self._admission = Admission(config, self.limits, tokenizer, manager, vocab_size)
+        self._admission = Admission(config, self.limits, tokenizer, manager, vocab_size, eos=frozenset(self._eos))
 
     # -- caller side (any thread) ---------------------------------------------------------------------
 
@@ -123,9 +125,13 @@ class Engine:
                 row.channel.on_cancel = self._wake  # a cancelled waiting request leaves (and lets go) promptly
                 self._wakeup.notify()
         except BaseException:
-            self.manager.release(row.claim)
+            row.release(self.manager)
             raise
         return row.channel
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids exactly as ``submit`` would see them (any thread; the Tokenize RPC)."""
+        return self._admission.tokenize(request)
 
     def precheck(self, request: GenerationRequest) -> None:
         """The checks of ``submit`` that need no tokenizing, cheap enough for an event loop (oversize text)."""
@@ -224,33 +230,18 @@ class Engine:
                 self._wakeup.wait(timeout=1.0)
             return None
 
-    def _readiness(self, row: Row) -> Readiness:
-        """The scheduler's view of a waiting row: its adapter settled (READY), loading (WAIT), or DROP."""
-        if row.channel.cancelled.is_set():
-            return Readiness.DROP
-        if row.adapter is not None and self.manager.requeue_if_draining(row.claim):
-            row.adapter = None  # it waits for its adapter to come back
-        if not row.claim.ready:
-            return Readiness.WAIT
-        if row.adapter is None and row.claim.job is not None:
-            try:
-                row.adapter = self.manager.settle(row.claim)
-            except LoramuxError as exc:  # its adapter failed to load: the row ends with that error
-                row.error = exc
-                return Readiness.DROP
-        return Readiness.READY
-
     def _leave(self, row: Row, error: BaseException | None = None) -> None:
-        """The row is done with the engine: its error (if any) goes to its caller, its claim back."""
+        """The row is done with the engine: its error (if any) goes to its caller, its claims back."""
         if error is not None:
             row.channel.put(error)
-        self.manager.release(row.claim)
+        row.release(self.manager)
 
     def _start(self, step: StepAdmission[Row]) -> None:
         for row in step.dropped:
             self._leave(row, row.error or RequestCancelledError("the request was cancelled before it started"))
         if step.chunked is not None:
-            self._chunking = ChunkedPrefill(step.chunked, plan=self.manager.plan([step.chunked.adapter]))
+            with torch.no_grad():
+                self._chunking = ChunkedPrefill(step.chunked, plan=build_plan([step.chunked.weights]))
         if not step.prefill:
             return
         try:
@@ -267,7 +258,8 @@ class Engine:
 
     def _prefill(self, new: list[Row]) -> None:
         ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
-        cache, plan = GrowableCache(), self.manager.plan([r.adapter for r in new])
+        cache, plan = GrowableCache(), build_plan([r.weights for r in new])
+        every = any(r.request.prompt_logprobs for r in new)  # every position's logits, only when asked
         with use_plan(plan):
             out = self.model(
                 input_ids=ids,
@@ -275,8 +267,12 @@ class Engine:
                 position_ids=kv_batch.prefill_positions(mask),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every else 1,
             )
+        for i, row in enumerate(new):
+            if row.request.prompt_logprobs:  # its prompt is the last len(prompt) columns
+                own = out.logits[i, ids.shape[1] - len(row.prompt_ids) :]
+                row.prompt_logprobs = prompt_logprobs(own, row.prompt_ids, row.top_logprobs)
         self._join(new, cache, mask, plan, out.logits[:, -1, :])
 
     def _prefill_chunk(self) -> None:
@@ -317,7 +313,7 @@ class Engine:
         assert self._cache is not None and self._mask is not None
         rows = self._rows
         if self._plan is None:
-            self._plan = self.manager.plan([r.adapter for r in rows])
+            self._plan = build_plan([r.weights for r in rows])
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
         positions = kv_batch.next_positions(self._mask)  # (N, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
@@ -340,10 +336,16 @@ class Engine:
     def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
         """Sample one token per row (N, V) -> events; marks rows that finished."""
         tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
+        asking = [i for i, r in enumerate(rows) if r.request.logprobs]
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        if asking:  # before any sampling setting: the raw logits' log_softmax
+            found = logprobs_of(logits[asking], [tokens[i] for i in asking], [rows[i].top_logprobs for i in asking])
+            for i, entry in zip(asking, found, strict=True):
+                logprobs[i] = entry
         events = [
             (row.channel, delta)
-            for row, token in zip(rows, tokens, strict=True)
-            if (delta := accept_token(row, token, eos=self._eos))
+            for row, token, lp in zip(rows, tokens, logprobs, strict=True)
+            if (delta := accept_token(row, token, eos=self._eos, logprob=lp))
         ]
         deliver(events)
 
@@ -362,7 +364,7 @@ class Engine:
             ]
         )
         for i in removed:
-            self.manager.release(self._rows[i].claim)
+            self._rows[i].release(self.manager)
         order, moves = swap_remove(len(self._rows), removed)
         self._rows = [self._rows[i] for i in order]
         if not self._rows:
@@ -390,4 +392,4 @@ class Engine:
 
 
 def _weights(rows: Sequence[Row]) -> list[AdapterWeights | None]:
-    return [r.adapter.weights if r.adapter is not None else None for r in rows]
+    return [r.weights for r in rows]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from loramux.core.engine.admission import Row
+from loramux.core.engine.row import Row
 from loramux.core.model.kv_cache import GrowableCache
 
 
@@ -40,8 +40,8 @@ def engine_load(
     return EngineLoad(
         running=len(rows),
         waiting=len(waiting),
-        running_adapters=frozenset(r.adapter.name for r in rows if r.adapter is not None),
-        waiting_adapters=frozenset(r.adapter_name for r in waiting if r.adapter_name is not None),
+        running_adapters=frozenset(name for r in rows for name in _names(r)),
+        waiting_adapters=frozenset(name for r in waiting for name in _names(r)),
         steps=steps,
         kv_cache_bytes=sum(c.allocated_bytes() for c in caches),
         kv_cache_tokens=sum(len(r.prompt_ids) + r.generated - 1 for r in rows),  # the newest token: next step
@@ -49,3 +49,10 @@ def engine_load(
         kv_cache_max_bytes=kv_max_bytes,
         waiting_kv=kv_blocked,
     )
+
+
+def _names(row: Row) -> list[str]:
+    """The adapters a row runs with: its adapter, or its mix's members."""
+    if row.request.adapter_mix:
+        return [name for name, _ in row.request.adapter_mix]
+    return [row.key] if row.key is not None else []

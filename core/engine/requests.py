@@ -24,11 +24,28 @@ class FinishReason(enum.Enum):
     EOS = "eos"
     STOP_SEQUENCE = "stop_sequence"
     LENGTH = "length"
+    STOP_TOKEN = "stop_token"  # one of the request's stop_token_ids
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system, user, assistant or tool
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation, rendered with the tokenizer's chat template (the generation prompt appended)."""
+
+    messages: tuple[ChatMessage, ...]
+
+
+Prompt = str | Sequence[int] | ChatPrompt  # text, token ids, or a conversation
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str | Sequence[int]  # text (tokenized with the model's tokenizer) or token ids
+    prompt: Prompt
     adapter: str | AdapterSelection = AdapterSelection.DEFAULT
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int | None = None  # None: the engine's default
@@ -36,12 +53,46 @@ class GenerationRequest:
     ignore_eos: bool = False
     apply_chat_template: bool = False
     request_id: str = ""
+    # A weighted mix of registered adapters instead of ``adapter``: (name, weight) pairs (loramux.core.lora.mix)
+    adapter_mix: tuple[tuple[str, float], ...] = ()
+    logprobs: bool = False  # each generated token's log-probability (TokenDelta.logprobs)
+    top_logprobs: int = 0  # and this many most likely alternatives (0..MAX_TOP_LOGPROBS)
+    prompt_logprobs: bool = False  # each prompt token's (after the first) in Finished.prompt_logprobs
+    min_new_tokens: int = 0  # EOS and stop_token_ids are impossible, and stop strings not looked for, before
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the generation (FinishReason.STOP_TOKEN)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability (log_softmax of the logits, fp32, before any sampling setting) and the most
+    likely tokens at its position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class TokenDelta:
     text: str  # new text only; may be "" while a multi-byte character or a possible stop is held back
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
+
+
+@dataclass(frozen=True)
+class MixMember:
+    name: str
+    version: int
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -49,10 +100,13 @@ class Finished:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    adapter: str | None  # the adapter the request ran with (None: the base model)
+    adapter: str | None  # the adapter the request ran with (None: the base model, or a mix)
     adapter_version: int = 0  # that adapter's version (bumps on replace); 0 for the base model
     stop_sequence: str | None = None  # the stop string that ended the text, for STOP_SEQUENCE
     seed: int | None = None  # the sampling seed used (the drawn one when none was given); None if greedy
+    stop_token_id: int | None = None  # for STOP_TOKEN
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # when asked: one per prompt token after the first
+    adapter_mix: tuple[MixMember, ...] = ()  # the members as used, for a mixed request
 
 
 GenerationEvent = TokenDelta | Finished
@@ -61,8 +115,9 @@ GenerationEvent = TokenDelta | Finished
 class EventChannel:
     """Engine thread -> one consumer, sync or asyncio. Ends with Finished, or with an error raised."""
 
-    def __init__(self, *, adapter: str | None = None, prompt_tokens: int = 0) -> None:
-        self.adapter = adapter  # the adapter the request runs with, resolved at admission (None: the base model)
+    def __init__(self, *, adapter: str | None = None, prompt_tokens: int = 0, mix: bool = False) -> None:
+        self.adapter = adapter  # the adapter the request runs with, resolved at admission (None: base, or a mix)
+        self.mix = mix  # it runs with a weighted mix of adapters
         self.prompt_tokens = prompt_tokens
         self._sync: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()

@@ -1,9 +1,11 @@
 """Per-row next-token selection for a batch whose rows each carry their own sampling parameters.
 
 The math is transformers' ``generate`` for the same settings, in the same order
-(``GenerationMixin._get_logits_processor``): repetition penalty over prompt + generated ids, then, when
-sampling, temperature, top-k and top-p (``min_tokens_to_keep=1``), then a draw from the softmax. Greedy is an
-argmax, after the repetition penalty, which transformers applies in greedy decoding too.
+(``GenerationMixin._get_logits_processor``; the processors are in processors.py): the penalties (repetition
+over prompt + generated ids; OpenAI's presence and frequency over the completion) and the suppression of EOS
+and stop ids before min_new_tokens, then, when sampling, temperature, top-k, top-p, min-p and typical
+(``min_tokens_to_keep=1``), then a draw from the softmax. Greedy is an argmax after the penalties and the
+suppression, which apply in greedy decoding too.
 
 Reproducibility does not depend on batch composition: every request owns a CPU ``torch.Generator`` seeded from
 its seed and each sampled row draws exactly one uniform number per step from its own generator. The draw is an
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from loramux.core.engine.processors import apply_penalties, apply_warpers, index
 from loramux.core.errors import InvalidArgumentError
 
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
@@ -45,9 +48,11 @@ def _check_finite(value: object, field: str) -> float:
 class SamplingParams:
     """How one request picks its tokens. ``None`` means the setting is off.
 
-    temperature: None or 0 selects greedy decoding (top_k / top_p are then ignored, as with
+    temperature: None or 0 selects greedy decoding (top_k, top_p, min_p, typical_p are then ignored, as with
     ``do_sample=False`` in transformers). top_k: 0 means off. top_p: in (0, 1]; 1 means off.
-    repetition_penalty: > 0; 1 means off. seed: 0 .. 2**64-1; None picks a random one per request.
+    repetition_penalty: > 0; 1 means off. presence_penalty, frequency_penalty: in [-2, 2]; 0 means off.
+    min_p: in [0, 1]; 0 means off. typical_p: in (0, 1]; 1 means off. seed: 0 .. 2**64-1; None picks a
+    random one per request.
     """
 
     temperature: float | None = None
@@ -55,6 +60,10 @@ class SamplingParams:
     top_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +87,14 @@ class SamplingParams:
         if self.seed is not None:
             if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= _MAX_SEED:
                 raise _bad("sampling.seed", self.seed, f"must be an integer in [0, {_MAX_SEED}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= _check_finite(value, f"sampling.{name}") <= 2:
+                raise _bad(f"sampling.{name}", value, "must be in [-2, 2]")
+        if self.min_p is not None and not 0 <= _check_finite(self.min_p, "sampling.min_p") <= 1:
+            raise _bad("sampling.min_p", self.min_p, "must be in [0, 1]")
+        if self.typical_p is not None and not 0 < _check_finite(self.typical_p, "sampling.typical_p") <= 1:
+            raise _bad("sampling.typical_p", self.typical_p, "must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:
@@ -104,19 +121,43 @@ class SamplingParams:
         p = self.top_p
         return None if self.greedy or p is None or p >= 1.0 else float(p)
 
+    @property
+    def sampling_min_p(self) -> float | None:
+        return None if self.greedy or not self.min_p else float(self.min_p)
+
+    @property
+    def sampling_typical_p(self) -> float | None:
+        p = self.typical_p
+        return None if self.greedy or p is None or p >= 1.0 else float(p)
+
+    @property
+    def counts_penalty(self) -> bool:
+        """Presence or frequency penalty on (they read the completion's token counts)."""
+        return bool(self.presence_penalty) or bool(self.frequency_penalty)
+
 
 def _bad(field: str, value: object, rule: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{field} {rule}, got {value!r}", field=field)
 
 
 class RowSampler:
-    """Per-request sampling state: parameters, own random generator, ids seen (for repetition penalty).
+    """Per-request sampling state: parameters, own random generator, the ids seen (repetition penalty), the
+    completion's token counts (presence and frequency penalties), and what to suppress until when.
 
-    ``prompt_ids`` count for the repetition penalty, as in transformers for decoder-only models. The seen-ids
-    mask is built lazily at the first step because only then are the vocabulary size and device known.
+    ``prompt_ids`` count for the repetition penalty, as in transformers for decoder-only models; only
+    generated ids count for presence and frequency, as in OpenAI's API. ``suppressed`` (EOS and stop token
+    ids) get -inf until ``min_new_tokens`` tokens are chosen. The tensors are built lazily at the first step,
+    when the vocabulary size and device are known.
     """
 
-    def __init__(self, params: SamplingParams, *, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        prompt_ids: Sequence[int] = (),
+        min_new_tokens: int = 0,
+        suppressed: frozenset[int] = frozenset(),
+    ) -> None:
         self.params = params
         self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device="cpu")
@@ -125,23 +166,36 @@ class RowSampler:
         # Ids recorded before the mask exists; dropped once folded into it. Kept only when penalized.
         self._pending: list[int] = list(prompt_ids) if self._penalty is not None else []
         self._seen: Tensor | None = None  # (V,) bool
+        self._pending_generated: list[int] = []
+        self._counts: Tensor | None = None  # (V,) float: how often the completion holds each id
+        self.step = 0  # tokens chosen for this request so far (counted while they matter: see plain_greedy)
+        self._min_new, self.suppressed = min_new_tokens, suppressed
+
+    @property
+    def suppressing(self) -> bool:
+        return self.step < self._min_new and bool(self.suppressed)
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without penalty: its token is the raw argmax, shared with other such rows."""
-        return self.params.greedy and self._penalty is None
+        """Greedy without penalties or suppression: its token is the raw argmax, shared with other such rows."""
+        return self.params.greedy and self._penalty is None and not self.params.counts_penalty and not self.suppressing
 
     def observe(self, token_ids: Tensor | Sequence[int] | int) -> None:
-        """Record tokens appended to the sequence (``sample_next_tokens`` does this for its picks)."""
-        if self._penalty is None:
-            return  # nothing reads the history
-        if self._seen is None:
-            if isinstance(token_ids, Tensor):
-                token_ids = token_ids.reshape(-1).tolist()
-            self._pending.extend([token_ids] if isinstance(token_ids, int) else token_ids)
-            return
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self._seen.device).reshape(-1)
-        self._mark(ids)
+        """Record tokens appended to the completion (``sample_next_tokens`` does this for its picks, with a
+        device tensor: no host sync once the state tensors exist)."""
+        device = self._seen.device if self._seen is not None else None
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(-1)
+        self.step += ids.numel()
+        if self._penalty is not None:
+            if self._seen is None:
+                self._pending.extend(ids.tolist())
+            else:
+                self._mark(ids.to(self._seen.device))
+        if self.params.counts_penalty:
+            if self._counts is None:
+                self._pending_generated.extend(ids.tolist())
+            else:
+                self._count(ids.to(self._counts.device))
 
     def seen_mask(self, *, vocab_size: int, device: torch.device) -> Tensor:
         """(V,) bool: True for every id in prompt + generated tokens."""
@@ -154,97 +208,34 @@ class RowSampler:
             self._seen = self._seen.to(device)
         return self._seen[:vocab_size]
 
+    def generated_counts(self, *, vocab_size: int, device: torch.device) -> Tensor:
+        """(V,) float: how many times the completion holds each id."""
+        if self._counts is None:
+            self._counts = torch.zeros(vocab_size + 1, dtype=torch.float32, device=device)
+            self._count(torch.tensor(self._pending_generated, dtype=torch.long, device=device))
+            self._pending_generated = []
+        elif self._counts.device != device:
+            self._counts = self._counts.to(device)
+        return self._counts[:vocab_size]
+
     def _mark(self, ids: Tensor) -> None:
         assert self._seen is not None
         vocab_plus_one = self._seen.shape[0]
         self._seen.index_fill_(0, ids.clamp(max=vocab_plus_one - 1), True)
+
+    def _count(self, ids: Tensor) -> None:
+        assert self._counts is not None
+        ids = ids.clamp(max=self._counts.shape[0] - 1)
+        self._counts.index_add_(0, ids, torch.ones(ids.shape, dtype=self._counts.dtype, device=ids.device))
 
     def draw_uniform(self) -> float:
         """One U[0, 1) number from this row's own generator: the only randomness a step consumes."""
         return float(torch.rand((), generator=self.generator, dtype=torch.float64))
 
 
-def _index(rows: Sequence[int], device: torch.device) -> Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def _column(values: Sequence[float], like: Tensor) -> Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)  # (M, 1)
-
-
-def _update_rows(scores: Tensor, rows: Sequence[int], fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """``fn`` applied to the listed rows of (N, V) ``scores``; the whole tensor at once when all are listed."""
-    if len(rows) == scores.shape[0]:
-        return fn(scores)
-    idx = _index(rows, scores.device)
-    scores = scores.clone()
-    scores[idx] = fn(scores[idx])
-    return scores
-
-
-def apply_repetition_penalty(scores: Tensor, rows: Sequence[RowSampler]) -> Tensor:
-    """RepetitionPenaltyLogitsProcessor per row: seen ids' logits < 0 are multiplied, others divided."""
-    penalized = [i for i, r in enumerate(rows) if r.params.penalty is not None]
-    if not penalized:
-        return scores
-    vocab, device = scores.shape[-1], scores.device
-    mask = torch.stack([rows[i].seen_mask(vocab_size=vocab, device=device) for i in penalized])  # (P, V)
-    penalty = _column([rows[i].params.penalty for i in penalized], scores)  # type: ignore[misc]
-
-    def penalize(sub: Tensor) -> Tensor:  # (P, V)
-        return torch.where(mask, torch.where(sub < 0, sub * penalty, sub / penalty), sub)
-
-    return _update_rows(scores, penalized, penalize)
-
-
-def _apply_temperature(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
-    temps = [p.sampling_temperature or 1.0 for p in params]
-    if all(t == 1.0 for t in temps):
-        return scores
-    return scores / _column(temps, scores)
-
-
-def _apply_top_k(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
-    """TopKLogitsWarper: drop logits below the k-th largest (ties with it are kept)."""
-    vocab = scores.shape[-1]
-    ks = [min(p.sampling_top_k or 0, vocab) for p in params]  # 0: off for this row
-    kmax = max(ks)
-    if kmax == 0 or (kmax == vocab and all(k in (0, vocab) for k in ks)):
-        return scores
-    top = torch.topk(scores, kmax, dim=-1).values  # (M, kmax), descending; kmax, not V, for rows that are off
-    kth = top.gather(1, _index([max(k, 1) - 1 for k in ks], scores.device).unsqueeze(1))  # (M, 1)
-    kth = kth.masked_fill(_index(ks, scores.device).unsqueeze(1) == 0, -math.inf)  # off: keep everything
-    return scores.masked_fill(scores < kth, -math.inf)
-
-
-def _apply_top_p(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
-    """TopPLogitsWarper on the rows that use it: drop the low tail whose cumulative mass is <= 1 - top_p."""
-    on = [i for i, p in enumerate(params) if p.sampling_top_p is not None]
-    if not on:
-        return scores
-    threshold = _column([1 - params[i].sampling_top_p for i in on], scores)  # type: ignore[operator]
-
-    def top_p(sub: Tensor) -> Tensor:  # (P, V)
-        sorted_logits, sorted_indices = torch.sort(sub, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (P, V)
-        remove = cumulative <= threshold
-        remove[..., -1:] = False  # min_tokens_to_keep=1: the top token always stays
-        return sub.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
-
-    return _update_rows(scores, on, top_p)
-
-
-def apply_warpers(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
-    """Temperature, top-k, top-p: transformers' sampling warpers, in its order. Greedy rows pass unchanged."""
-    scores = _apply_temperature(scores, params)
-    scores = _apply_top_k(scores, params)
-    return _apply_top_p(scores, params)
-
-
 def process_logits(logits: Tensor, rows: Sequence[RowSampler]) -> Tensor:
     """(N, V) -> (N, V) float32 scores, what transformers' processor list yields for each row's settings."""
-    scores = logits.float()  # generate() processes float32 copies of the logits
-    scores = apply_repetition_penalty(scores, rows)
+    scores = apply_penalties(logits.float(), rows)  # generate() processes float32 copies of the logits
     return apply_warpers(scores, [r.params for r in rows])
 
 
@@ -262,12 +253,12 @@ def _draw(scores: Tensor, uniforms: Tensor, *, fallback: Tensor) -> Tensor:
 
 
 def _pick(logits: Tensor, rows: Sequence[RowSampler]) -> Tensor:
-    """(M, V) -> (M,) for rows that need processing: penalty, then argmax or warp-and-draw."""
-    scores = apply_repetition_penalty(logits.float(), rows)
+    """(M, V) -> (M,) for rows that need processing: penalties, then argmax or warp-and-draw."""
+    scores = apply_penalties(logits.float(), rows)
     out = scores.argmax(dim=-1)  # (M,), already right for greedy rows
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        idx = _index(sampled, logits.device)
+        idx = index(sampled, logits.device)
         warped = apply_warpers(scores[idx], [rows[i].params for i in sampled])
         uniforms = torch.tensor([rows[i].draw_uniform() for i in sampled], dtype=torch.float64)
         out[idx] = _draw(warped, uniforms.to(logits.device), fallback=out[idx])
@@ -286,10 +277,10 @@ def sample_next_tokens(logits: Tensor, rows: Sequence[RowSampler]) -> Tensor:
         return logits.argmax(dim=-1)  # fast path: the whole batch is plain greedy
     out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     if plain:
-        idx = _index(plain, logits.device)
+        idx = index(plain, logits.device)
         out[idx] = logits[idx].argmax(dim=-1)
     rest = [i for i, r in enumerate(rows) if not r.plain_greedy]
-    idx = _index(rest, logits.device)
+    idx = index(rest, logits.device)
     picked = _pick(logits[idx], [rows[i] for i in rest])  # (M,)
     out[idx] = picked
     for j, i in enumerate(rest):

@@ -165,10 +165,13 @@ class TextStream:
         """Everything emitted so far."""
         return "".join(self._pieces)
 
-    def push(self, token_id: int) -> tuple[str, bool]:
+    def push(self, token_id: int, *, match: bool = True) -> tuple[str, bool]:
+        """Add a token: (the text safe to emit now, whether a stop string completed). With ``match`` False its
+        text is not searched for stop strings (nor held back for them): min_new_tokens' first tokens."""
         if self._matcher.stopped:
             return "", True  # tokens after a stop (the engine's step in flight) are dropped
-        delta, stopped = self._matcher.push(self._detokenizer.push(token_id))
+        text = self._detokenizer.push(token_id)
+        delta, stopped = self._matcher.push(text) if match else (text, False)
         self._pieces.append(delta)
         return delta, stopped
 

@@ -126,6 +126,7 @@ SERVICES = {
     },
     "GenerationService": {
         "Generate": ("GenerateRequest", "GenerateResponse", SERVER_STREAMING),
+        "Tokenize": ("TokenizeRequest", "TokenizeResponse", UNARY),
     },
 }
 
@@ -188,7 +189,24 @@ MESSAGES = {
         "stopping": "5 StoppingCriteria",
         "request_id": "6 string",
         "apply_chat_template": "7 bool",
+        "messages": "8 oneof input ChatMessages",
+        "adapter_mix": "9 repeated AdapterWeight",
+        "logprobs": "10 bool",
+        "top_logprobs": "11 uint32",
+        "prompt_logprobs": "12 bool",
     },
+    "ChatMessages": {"messages": "1 repeated ChatMessage"},
+    "ChatMessage": {"role": "1 string", "content": "2 string"},
+    "AdapterWeight": {"name": "1 string", "weight": "2 float"},
+    "TokenizeRequest": {
+        "text": "1 oneof input string",
+        "messages": "2 oneof input ChatMessages",
+        "apply_chat_template": "3 bool",
+    },
+    "TokenizeResponse": {"token_ids": "1 repeated uint32", "count": "2 uint32"},
+    "TokenLogprob": {"token_id": "1 uint32", "logprob": "2 float", "top": "3 repeated TopLogprob"},
+    "TopLogprob": {"token_id": "1 uint32", "logprob": "2 float"},
+    "MixMember": {"name": "1 string", "version": "2 uint32", "weight": "3 float"},
     "GenerateResponse": {
         "chunk": "1 oneof event TokenChunk",
         "finished": "2 oneof event GenerationFinished",
@@ -200,13 +218,19 @@ MESSAGES = {
         "top_k": "3 optional uint32",
         "seed": "4 optional uint64",
         "repetition_penalty": "5 optional float",
+        "presence_penalty": "6 optional float",
+        "frequency_penalty": "7 optional float",
+        "min_p": "8 optional float",
+        "typical_p": "9 optional float",
     },
     "StoppingCriteria": {
         "max_new_tokens": "1 optional uint32",
         "stop": "2 repeated string",
         "ignore_eos": "3 bool",
+        "min_new_tokens": "4 uint32",
+        "stop_token_ids": "5 repeated uint32",
     },
-    "TokenChunk": {"text": "1 string", "token_ids": "2 repeated uint32"},
+    "TokenChunk": {"text": "1 string", "token_ids": "2 repeated uint32", "logprobs": "3 repeated TokenLogprob"},
     "GenerationFinished": {
         "finish_reason": "1 FinishReason",
         "usage": "2 Usage",
@@ -214,6 +238,9 @@ MESSAGES = {
         "adapter_version": "4 uint32",
         "stop_sequence": "5 string",
         "seed": "6 optional uint64",
+        "stop_token_id": "7 optional uint32",
+        "prompt_logprobs": "8 repeated TokenLogprob",
+        "adapter_mix": "9 repeated MixMember",
     },
     "Usage": {"prompt_tokens": "1 uint32", "completion_tokens": "2 uint32"},
 }
@@ -231,6 +258,7 @@ ENUMS = {
         "FINISH_REASON_EOS",
         "FINISH_REASON_STOP_SEQUENCE",
         "FINISH_REASON_LENGTH",
+        "FINISH_REASON_STOP_TOKEN",
     ],
 }
 

@@ -27,13 +27,20 @@ README_COMMANDS = {
     "describe_message": "grpcurl -plaintext localhost:50051 describe loramux.v1.GenerateRequest",
     "health": """grpcurl -plaintext -d '{"service": "loramux.v1.GenerationService"}' localhost:50051 \\
   grpc.health.v1.Health/Check""",
-    "list_adapters": """grpcurl -plaintext -d '{"page_size": 10}' localhost:50051 \
+    "list_adapters": """grpcurl -plaintext -d '{"page_size": 10}' localhost:50051 \\
   loramux.v1.AdapterService/ListAdapters""",
     "generate": """grpcurl -plaintext -H 'x-request-id: readme-1' \\
   -d '{"text": "def main", "adapter": "upper", "stopping": {"max_new_tokens": 8, "ignore_eos": true}}' \\
   localhost:50051 loramux.v1.GenerationService/Generate""",
+    "tokenize": """grpcurl -plaintext -d '{"text": "def main"}' localhost:50051 \\
+  loramux.v1.GenerationService/Tokenize""",
+    "mix_logprobs": """grpcurl -plaintext -d '{"text": "def main", "logprobs": true, "top_logprobs": 2,
+    "adapter_mix": [{"name": "upper", "weight": 0.7}, {"name": "rot13", "weight": 0.3}],
+    "stopping": {"max_new_tokens": 4, "ignore_eos": true}}' \\
+  localhost:50051 loramux.v1.GenerationService/Generate""",
     "not_found": """grpcurl -plaintext -d '{"name": "nope"}' localhost:50051 loramux.v1.AdapterService/GetAdapter""",
 }
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def grpcurl_dir() -> str:
@@ -48,7 +55,8 @@ def grpcurl_dir() -> str:
 
 
 def run(name: str, server: Harness, folder: str) -> subprocess.CompletedProcess[str]:
-    command = README_COMMANDS[name].replace("localhost:50051", server.target).replace('"upper"', '"math"')
+    command = README_COMMANDS[name].replace("localhost:50051", server.target)
+    command = command.replace('"upper"', '"math"').replace('"rot13"', '"poet"')
     env = {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=30)  # /bin/sh
 
@@ -66,6 +74,11 @@ def _skip_space(text: str, at: int) -> int:
     while at < len(text) and text[at].isspace():
         at += 1
     return at
+
+
+def test_the_commands_are_the_readmes():
+    readme = README.read_text()
+    assert [name for name, command in README_COMMANDS.items() if command not in readme] == []
 
 
 def test_readme_grpcurl_commands(server: Harness, caplog):
@@ -95,6 +108,17 @@ def test_readme_grpcurl_commands(server: Harness, caplog):
     assert streamed[-1]["finished"]["adapter"] == "math"
     assert streamed[-1]["finished"]["usage"]["completion_tokens"] == 8
     wait_until(lambda: "request_id=readme-1 status=OK" in caplog.text, what="the x-request-id in the server log")
+
+    (tokenized,) = messages(results["tokenize"].stdout)
+    assert tokenized["count"] == len(tokenized["token_ids"]) > 0
+
+    mixed = messages(results["mix_logprobs"].stdout)
+    chunks, finished = [m["chunk"] for m in mixed[:-1]], mixed[-1]["finished"]
+    assert [member["name"] for member in finished["adapter_mix"]] == ["math", "poet"]
+    assert sum(len(chunk["token_ids"]) for chunk in chunks) == finished["usage"]["completion_tokens"] == 4
+    for chunk in chunks:
+        assert [entry["token_id"] for entry in chunk["logprobs"]] == chunk["token_ids"]
+        assert all(len(entry["top"]) == 2 and entry["logprob"] <= 0 for entry in chunk["logprobs"])
 
     error = results["not_found"].stdout + results["not_found"].stderr
     assert "Code: NotFound" in error and '"reason":"ADAPTER_NOT_FOUND"' in error and '"domain":"loramux.dev"' in error

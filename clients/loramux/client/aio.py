@@ -17,10 +17,10 @@ from typing import Any, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loramux.client import messages
+from loramux.client import messages as wire
 from loramux.client.errors import LoramuxRpcError
 from loramux.client.events import GenerateEvent, TextChunk
-from loramux.client.messages import DEFAULT_TARGET, GenerateOptions, LoadOptions, MiB
+from loramux.client.messages import DEFAULT_TARGET, GenerateOptions, LoadOptions, Messages, MiB
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import adapter_service_pb2_grpc as apb_grpc
 from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
@@ -37,10 +37,10 @@ class AsyncLoramuxClient:
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """The same options as LoramuxClient."""
-        options = messages.channel_options(max_message_bytes)
+        options = wire.channel_options(max_message_bytes)
         self.target = target
         self.timeout = timeout
-        self._auth = messages.auth_metadata(token)
+        self._auth = wire.auth_metadata(token)
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=options)
         else:
@@ -61,7 +61,11 @@ class AsyncLoramuxClient:
     # -- generation -----------------------------------------------------------------------------------
 
     async def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncIterator[str]:
         """Stream the completion's text (``async for``). Same options as ``generate_events``."""
         async for event in self.generate_events(prompt, timeout=timeout, **options):
@@ -69,28 +73,44 @@ class AsyncLoramuxClient:
                 yield event.text
 
     async def generate_events(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncIterator[GenerateEvent]:
         """TextChunk events, then one Completion (``async for``). Leaving the loop early cancels the generation."""
-        request = messages.generate_request(prompt, options)
-        metadata = messages.call_metadata(self._auth, request.request_id)
+        request = wire.generate_request(prompt, options)
+        metadata = wire.call_metadata(self._auth, request.request_id)
         call = self._generation.Generate(request, timeout=self._timeout(timeout), metadata=metadata)
         try:
             async for response in call:
                 finished = response.HasField("finished")
-                request_id = messages.echoed_request_id(await call.initial_metadata()) if finished else ""
-                yield messages.generate_event(response, request_id)
+                request_id = wire.echoed_request_id(await call.initial_metadata()) if finished else ""
+                yield wire.generate_event(response, request_id)
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None
         finally:
             call.cancel()  # no-op once the stream ended; stops the server's work if the caller broke off
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        apply_chat_template: bool = False,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """The token ids a Generate with this prompt (or conversation) would see (their count: ``len``)."""
+        request = wire.tokenize_request(prompt, messages=messages, apply_chat_template=apply_chat_template)
+        return list((await self._call(self._generation.Tokenize, request, timeout)).token_ids)
 
     # -- adapters -------------------------------------------------------------------------------------
 
     async def load_adapter(
         self, name: str, source: str, *, timeout: float | None = None, **options: Unpack[LoadOptions]
     ) -> apb.LoadAdapterResponse:
-        return await self._call(self._adapters.LoadAdapter, messages.load_request(name, source, options), timeout)
+        return await self._call(self._adapters.LoadAdapter, wire.load_request(name, source, options), timeout)
 
     async def unload_adapter(
         self, name: str, *, allow_missing: bool = False, timeout: float | None = None
@@ -131,7 +151,7 @@ class AsyncLoramuxClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            metadata = messages.call_metadata(self._auth)
+            metadata = wire.call_metadata(self._auth)
             return await method(request, timeout=self._timeout(timeout), metadata=metadata)
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None

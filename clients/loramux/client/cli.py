@@ -1,6 +1,9 @@
 """``loramux`` (``python -m loramux.client``): a command line for a loramux server.
 
     loramux generate --adapter math "Prove that"      # streams the completion to stdout
+    loramux generate --mix math=0.7,poet=0.3 --logprobs 5 "Prove that"   # a mix; each token's top-5 on stderr
+    loramux generate --message system:"Be brief." --message user:"Hi"      # a conversation (chat template)
+    loramux tokenize "Prove that"                     # the token ids and their count
     loramux adapters list
     loramux adapters load poet /srv/adapters/poet [--pinned] [--replace] [--revision R] [--subfolder S]
     loramux adapters get poet
@@ -37,21 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="command", required=True)
 
     g = commands.add_parser("generate", help="stream a completion")
-    g.add_argument("prompt")
+    _prompt_arguments(g)
     which = g.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="adapter name (default: the server's default adapter)")
     which.add_argument("--base", action="store_true", help="use the bare base model")
+    which.add_argument("--mix", type=_mix, metavar="A=W,B=W", help="a weighted mix of adapters, e.g. a=0.7,b=0.3")
     g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int, default=0)
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--typical-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
     g.add_argument("--stop", action="append", default=[], help="stop sequence; repeatable")
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id; repeatable")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
+    g.add_argument("--logprobs", type=int, metavar="N", help="print each token's log-probability and top N on stderr")
     g.add_argument("--request-id", default="")
     g.add_argument("--quiet", action="store_true", help="do not print the usage summary on stderr")
+
+    t = commands.add_parser("tokenize", help="the token ids a prompt (or conversation) gives, and their count")
+    _prompt_arguments(t)
 
     a = commands.add_parser("adapters", help="manage adapters").add_subparsers(dest="action", required=True)
     a.add_parser("list", help="list loaded adapters")
@@ -76,26 +89,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="the prompt text (or give --message ...)")
+    parser.add_argument(
+        "--message", type=_message, action="append", metavar="ROLE:CONTENT", help="a chat message; repeatable"
+    )
+    parser.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
+
+
+def _message(text: str) -> tuple[str, str]:
+    role, sep, content = text.partition(":")
+    if not sep or not role:
+        raise argparse.ArgumentTypeError(f"expected ROLE:CONTENT (got {text!r})")
+    return role, content
+
+
+def _mix(text: str) -> list[tuple[str, float]]:
+    pairs = []
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            pairs.append((name, float(weight)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,... (got {text!r})") from None
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,... (got {text!r})")
+    return pairs
+
+
+def _prompt_of(args: argparse.Namespace) -> tuple[str | None, list[tuple[str, str]] | None]:
+    if (args.prompt is None) == (args.message is None):
+        raise SystemExit("loramux: give a prompt or --message ROLE:CONTENT ..., not both and not neither")
+    return args.prompt, args.message
+
+
 def run_generate(client: LoramuxClient, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
-    adapter = "" if args.base else args.adapter
+    prompt, messages = _prompt_of(args)
+    options: dict = {"messages": messages} if messages is not None else {}
+    if args.mix:
+        options["adapter_mix"] = args.mix
+    else:
+        options["adapter"] = "" if args.base else args.adapter
+    if args.logprobs is not None:
+        options.update(logprobs=True, top_logprobs=args.logprobs)
     events = client.generate_events(
-        args.prompt,
-        adapter=adapter,
+        prompt,
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
+        typical_p=args.typical_p,
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         stop=args.stop,
+        stop_token_ids=args.stop_token_id,
         ignore_eos=args.ignore_eos,
         apply_chat_template=args.chat,
         request_id=args.request_id,
+        **options,
     )
     for event in events:
         if isinstance(event, TextChunk):
             out.write(event.text)
             out.flush()
+            for lp in event.logprobs:
+                top = " ".join(f"{t}:{v:.3f}" for t, v in lp.top)
+                err.write(f"  token {lp.token_id} logprob {lp.logprob:.4f}" + (f"  top {top}" if top else "") + "\n")
         elif isinstance(event, Completion):
             out.write("\n")
             if not args.quiet:
@@ -103,7 +166,8 @@ def run_generate(client: LoramuxClient, args: argparse.Namespace, out: TextIO, e
 
 
 def _usage_line(done: Completion) -> str:
-    adapter = done.adapter or "(base)"
+    mix = ",".join(f"{m.name}={m.weight:g}" for m in done.adapter_mix)
+    adapter = f"mix {mix}" if mix else done.adapter or "(base)"
     seed = f", seed {done.seed}" if done.seed is not None else ""
     return (
         f"[{done.finish_reason}; adapter {adapter} v{done.adapter_version}; prompt {done.prompt_tokens} tokens, "
@@ -159,6 +223,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         try:
             if args.command == "generate":
                 run_generate(client, args, out, err)
+            elif args.command == "tokenize":
+                prompt, messages = _prompt_of(args)
+                ids = client.tokenize(prompt, messages=messages, apply_chat_template=args.chat)
+                out.write(f"{len(ids)} tokens: {' '.join(map(str, ids))}\n")
             elif args.command == "adapters":
                 run_adapters(client, args, out)
             else:

@@ -6,18 +6,35 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability, and the most likely (token id, log-probability) pairs at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class MixMember:
+    name: str
+    version: int
+    weight: float
+
+
+@dataclass(frozen=True)
 class TextChunk:
-    """Newly generated text and token ids (a delta)."""
+    """Newly generated text and token ids (a delta); their log-probabilities when asked for."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class Completion:
     """The end of a successful generation."""
 
-    finish_reason: str  # "eos", "stop_sequence" or "length"
+    finish_reason: str  # "eos", "stop_sequence", "stop_token" or "length"
     prompt_tokens: int
     completion_tokens: int
     adapter: str  # the adapter used; "" for the bare base model
@@ -25,6 +42,9 @@ class Completion:
     stop_sequence: str
     seed: int | None
     request_id: str  # as echoed by the server in x-request-id
+    stop_token_id: int | None = None  # for "stop_token"
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with prompt_logprobs: one per prompt token after the first
+    adapter_mix: tuple[MixMember, ...] = ()  # with adapter_mix: its members as used
 
 
 GenerateEvent = TextChunk | Completion

@@ -18,10 +18,10 @@ from typing import Any, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loramux.client import messages
+from loramux.client import messages as wire
 from loramux.client.errors import LoramuxRpcError
 from loramux.client.events import GenerateEvent, TextChunk
-from loramux.client.messages import DEFAULT_TARGET, GenerateOptions, LoadOptions, MiB
+from loramux.client.messages import DEFAULT_TARGET, GenerateOptions, LoadOptions, Messages, MiB
 from loramux.v1 import adapter_service_pb2 as apb
 from loramux.v1 import adapter_service_pb2_grpc as apb_grpc
 from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
@@ -42,10 +42,10 @@ class LoramuxClient:
         plain metadata, not call credentials, which grpc refuses on an insecure channel; use TLS (or a trusted
         network) in production. ``credentials``: for a TLS server, e.g.
         ``grpc.ssl_channel_credentials(root_certificates=...)`` (None: a plaintext channel)."""
-        options = messages.channel_options(max_message_bytes)
+        options = wire.channel_options(max_message_bytes)
         self.target = target
         self.timeout = timeout
-        self._auth = messages.auth_metadata(token)
+        self._auth = wire.auth_metadata(token)
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=options)
         else:
@@ -66,7 +66,11 @@ class LoramuxClient:
     # -- generation -----------------------------------------------------------------------------------
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Iterator[str]:
         """Stream the completion's text. Same options as ``generate_events``."""
         for event in self.generate_events(prompt, timeout=timeout, **options):
@@ -74,23 +78,41 @@ class LoramuxClient:
                 yield event.text
 
     def generate_events(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Iterator[GenerateEvent]:
         """Stream TextChunk events, then one Completion. Breaking out of the loop cancels the generation.
-        Options (messages.GenerateOptions): adapter, max_new_tokens, temperature, top_p, top_k, seed,
-        repetition_penalty, stop, ignore_eos, apply_chat_template, request_id."""
-        request = messages.generate_request(prompt, options)
-        metadata = messages.call_metadata(self._auth, request.request_id)
+        Options (messages.GenerateOptions): adapter or adapter_mix ({name: weight}), max_new_tokens,
+        min_new_tokens, stop, stop_token_ids, ignore_eos, temperature, top_p, top_k, min_p, typical_p, seed,
+        repetition_penalty, presence_penalty, frequency_penalty, logprobs, top_logprobs, prompt_logprobs,
+        apply_chat_template, messages (instead of a prompt), request_id."""
+        request = wire.generate_request(prompt, options)
+        metadata = wire.call_metadata(self._auth, request.request_id)
         call = self._generation.Generate(request, timeout=self._timeout(timeout), metadata=metadata)
         try:
             for response in call:
                 finished = response.HasField("finished")
-                request_id = messages.echoed_request_id(call.initial_metadata()) if finished else ""
-                yield messages.generate_event(response, request_id)
+                request_id = wire.echoed_request_id(call.initial_metadata()) if finished else ""
+                yield wire.generate_event(response, request_id)
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None
         finally:
             call.cancel()  # no-op once the stream ended; stops the server's work if the caller broke off
+
+    def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        apply_chat_template: bool = False,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """The token ids a Generate with this prompt (or conversation) would see (their count: ``len``)."""
+        request = wire.tokenize_request(prompt, messages=messages, apply_chat_template=apply_chat_template)
+        return list((self._call(self._generation.Tokenize, request, timeout)).token_ids)
 
     # -- adapters -------------------------------------------------------------------------------------
 
@@ -98,7 +120,7 @@ class LoramuxClient:
         self, name: str, source: str, *, timeout: float | None = None, **options: Unpack[LoadOptions]
     ) -> apb.LoadAdapterResponse:
         """Options (messages.LoadOptions): revision, subfolder, replace, pinned, autocast_adapter_dtype."""
-        return self._call(self._adapters.LoadAdapter, messages.load_request(name, source, options), timeout)
+        return self._call(self._adapters.LoadAdapter, wire.load_request(name, source, options), timeout)
 
     def unload_adapter(
         self, name: str, *, allow_missing: bool = False, timeout: float | None = None
@@ -144,6 +166,6 @@ class LoramuxClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout), metadata=messages.call_metadata(self._auth))
+            return method(request, timeout=self._timeout(timeout), metadata=wire.call_metadata(self._auth))
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None

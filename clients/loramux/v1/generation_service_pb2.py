@@ -24,31 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#loramux/v1/generation_service.proto\x12\nloramux.v1\"\x86\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.loramux.v1.TokenIdsH\x00\x12\x14\n\x07\x61\x64\x61pter\x18\x03 \x01(\tH\x01\x88\x01\x01\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\x12.\n\x08stopping\x18\x05 \x01(\x0b\x32\x1c.loramux.v1.StoppingCriteria\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1b\n\x13\x61pply_chat_template\x18\x07 \x01(\x08\x42\x07\n\x05inputB\n\n\x08_adapter\"x\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.loramux.v1.TokenChunkH\x00\x12\x32\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1e.loramux.v1.GenerationFinishedH\x00\x42\x07\n\x05\x65vent\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xca\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"d\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xc4\x01\n\x12GenerationFinished\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\r\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\\\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#loramux/v1/generation_service.proto\x12\nloramux.v1\"\xa5\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.loramux.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x08 \x01(\x0b\x32\x18.loramux.v1.ChatMessagesH\x00\x12\x14\n\x07\x61\x64\x61pter\x18\x03 \x01(\tH\x01\x88\x01\x01\x12.\n\x0b\x61\x64\x61pter_mix\x18\t \x03(\x0b\x32\x19.loramux.v1.AdapterWeight\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\x12.\n\x08stopping\x18\x05 \x01(\x0b\x32\x1c.loramux.v1.StoppingCriteria\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1b\n\x13\x61pply_chat_template\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x42\x07\n\x05inputB\n\n\x08_adapter\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"-\n\rAdapterWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"u\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.loramux.v1.ChatMessagesH\x00\x12\x1b\n\x13\x61pply_chat_template\x18\x03 \x01(\x08\x42\x07\n\x05input\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"x\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.loramux.v1.TokenChunkH\x00\x12\x32\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1e.loramux.v1.GenerationFinishedH\x00\x42\x07\n\x05\x65vent\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x16\n\ttypical_p\x18\t \x01(\x02H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_pB\x0c\n\n_typical_p\"\x94\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\rB\x11\n\x0f_max_new_tokens\"Y\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xd1\x02\n\x12GenerationFinished\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\r\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rstop_token_id\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\x12*\n\x0b\x61\x64\x61pter_mix\x18\t \x03(\x0b\x32\x15.loramux.v1.MixMemberB\x07\n\x05_seedB\x10\n\x0e_stop_token_id\":\n\tMixMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x04\x32\xa3\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.loramux.v1.TokenizeRequest\x1a\x1c.loramux.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.generation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1075
-  _globals['_FINISHREASON']._serialized_end=1202
+  _globals['_FINISHREASON']._serialized_start=2165
+  _globals['_FINISHREASON']._serialized_end=2322
   _globals['_GENERATEREQUEST']._serialized_start=52
-  _globals['_GENERATEREQUEST']._serialized_end=314
-  _globals['_GENERATERESPONSE']._serialized_start=316
-  _globals['_GENERATERESPONSE']._serialized_end=436
-  _globals['_TOKENIDS']._serialized_start=438
-  _globals['_TOKENIDS']._serialized_end=461
-  _globals['_SAMPLINGPARAMS']._serialized_start=464
-  _globals['_SAMPLINGPARAMS']._serialized_end=666
-  _globals['_STOPPINGCRITERIA']._serialized_start=668
-  _globals['_STOPPINGCRITERIA']._serialized_end=768
-  _globals['_TOKENCHUNK']._serialized_start=770
-  _globals['_TOKENCHUNK']._serialized_end=815
-  _globals['_GENERATIONFINISHED']._serialized_start=818
-  _globals['_GENERATIONFINISHED']._serialized_end=1014
-  _globals['_USAGE']._serialized_start=1016
-  _globals['_USAGE']._serialized_end=1073
-  _globals['_GENERATIONSERVICE']._serialized_start=1204
-  _globals['_GENERATIONSERVICE']._serialized_end=1296
+  _globals['_GENERATEREQUEST']._serialized_end=473
+  _globals['_CHATMESSAGES']._serialized_start=475
+  _globals['_CHATMESSAGES']._serialized_end=532
+  _globals['_CHATMESSAGE']._serialized_start=534
+  _globals['_CHATMESSAGE']._serialized_end=578
+  _globals['_ADAPTERWEIGHT']._serialized_start=580
+  _globals['_ADAPTERWEIGHT']._serialized_end=625
+  _globals['_TOKENIZEREQUEST']._serialized_start=627
+  _globals['_TOKENIZEREQUEST']._serialized_end=744
+  _globals['_TOKENIZERESPONSE']._serialized_start=746
+  _globals['_TOKENIZERESPONSE']._serialized_end=798
+  _globals['_GENERATERESPONSE']._serialized_start=800
+  _globals['_GENERATERESPONSE']._serialized_end=920
+  _globals['_TOKENIDS']._serialized_start=922
+  _globals['_TOKENIDS']._serialized_end=945
+  _globals['_SAMPLINGPARAMS']._serialized_start=948
+  _globals['_SAMPLINGPARAMS']._serialized_end=1324
+  _globals['_STOPPINGCRITERIA']._serialized_start=1327
+  _globals['_STOPPINGCRITERIA']._serialized_end=1475
+  _globals['_TOKENCHUNK']._serialized_start=1477
+  _globals['_TOKENCHUNK']._serialized_end=1566
+  _globals['_TOKENLOGPROB']._serialized_start=1568
+  _globals['_TOKENLOGPROB']._serialized_end=1654
+  _globals['_TOPLOGPROB']._serialized_start=1656
+  _globals['_TOPLOGPROB']._serialized_end=1703
+  _globals['_GENERATIONFINISHED']._serialized_start=1706
+  _globals['_GENERATIONFINISHED']._serialized_end=2043
+  _globals['_MIXMEMBER']._serialized_start=2045
+  _globals['_MIXMEMBER']._serialized_end=2103
+  _globals['_USAGE']._serialized_start=2105
+  _globals['_USAGE']._serialized_end=2162
+  _globals['_GENERATIONSERVICE']._serialized_start=2325
+  _globals['_GENERATIONSERVICE']._serialized_end=2488
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,11 @@ class GenerationServiceStub:
                 request_serializer=loramux_dot_v1_dot_generation__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_generation__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loramux.v1.GenerationService/Tokenize',
+                request_serializer=loramux_dot_v1_dot_generation__service__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_generation__service__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -57,9 +62,10 @@ class GenerationServiceServicer:
         The adapter is resolved once, when the server accepts the request: a later SetAdapter, or the
         adapter's unload or replacement, does not affect a request already accepted.
 
-        Errors: INVALID_ARGUMENT (the field is named in BadRequest: `input`, `token_ids`, `adapter`,
-        `sampling.*`, `stopping.*`, `request_id`, `apply_chat_template`); NOT_FOUND (ADAPTER_NOT_FOUND:
-        `adapter` names an adapter that is not registered and, with load on demand, was found nowhere);
+        Errors: INVALID_ARGUMENT (the field is named in BadRequest: `input`, `token_ids`, `messages`,
+        `adapter`, `adapter_mix`, `sampling.*`, `stopping.*`, `request_id`, `apply_chat_template`,
+        `top_logprobs`); NOT_FOUND (ADAPTER_NOT_FOUND: `adapter`, or a member of `adapter_mix`, names an
+        adapter that is not registered and, with load on demand, was found nowhere);
         PERMISSION_DENIED (ADAPTER_SOURCE_FORBIDDEN: load on demand found it outside its root, or on the Hub
         while the server refuses Hub adapters); FAILED_PRECONDITION (ADAPTER_UNSUPPORTED, ADAPTER_INCOMPATIBLE,
         ADAPTER_CORRUPT: the adapter's (re)load failed); RESOURCE_EXHAUSTED (limit maxQueuedGenerations,
@@ -67,7 +73,21 @@ class GenerationServiceServicer:
         beside the pinned ones); UNAVAILABLE (SHUTTING_DOWN, MODEL_LOADING, or the grpc library's
         UNAVAILABLE when the drain grace period ends mid-stream); INTERNAL; CANCELLED or DEADLINE_EXCEEDED
         from the grpc library. All come before any response message except INTERNAL, UNAVAILABLE, CANCELLED
-        and DEADLINE_EXCEEDED, which may also end a stream midway.
+        and DEADLINE_EXCEEDED, which may also end a stream midway. FAILED_PRECONDITION also when
+        `adapter_mix` names an adapter with embedding LoRA or modules_to_save, which mixes do not support.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenizes a prompt exactly as Generate would (the same chat rendering for `messages`), without
+        generating: the token ids and their count, so callers can fit max_total_tokens without guessing.
+        The count equals GenerationFinished.usage.prompt_tokens of a Generate with the same input.
+
+        Errors: INVALID_ARGUMENT (`input`, `messages`, `apply_chat_template`); RESOURCE_EXHAUSTED (limit
+        maxPromptTokens, for a text too long to be tokenized at all); UNAVAILABLE (MODEL_LOADING,
+        SHUTTING_DOWN); INTERNAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +100,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=loramux_dot_v1_dot_generation__service__pb2.GenerateRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_generation__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loramux_dot_v1_dot_generation__service__pb2.TokenizeRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_generation__service__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -112,6 +137,33 @@ class GenerationService:
             '/loramux.v1.GenerationService/Generate',
             loramux_dot_v1_dot_generation__service__pb2.GenerateRequest.SerializeToString,
             loramux_dot_v1_dot_generation__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.GenerationService/Tokenize',
+            loramux_dot_v1_dot_generation__service__pb2.TokenizeRequest.SerializeToString,
+            loramux_dot_v1_dot_generation__service__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

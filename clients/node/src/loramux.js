@@ -187,7 +187,7 @@ class LoramuxClient {
     return this.generation.Generate(request, callMetadata({ ...options, token: this.token }), deadline(options));
   }
 
-  /** Generate, collected: `{ text, tokenIds, finished, requestId }`. */
+  /** Generate, collected: `{ text, tokenIds, logprobs, finished, requestId }` (logprobs: with `logprobs: true`). */
   async generateText(request, options = {}) {
     const stream = this.generate(request, options);
     let requestId;
@@ -196,16 +196,23 @@ class LoramuxClient {
     });
     let text = '';
     const tokenIds = [];
+    const logprobs = [];
     let finished = null;
     for await (const message of stream) {
       if (message.event === 'chunk') {
         text += message.chunk.text;
         tokenIds.push(...message.chunk.token_ids);
+        logprobs.push(...message.chunk.logprobs);
       } else if (message.event === 'finished') {
         finished = message.finished;
       }
     }
-    return { text, tokenIds, finished, requestId };
+    return { text, tokenIds, logprobs, finished, requestId };
+  }
+
+  /** Tokenize: `{ response: { token_ids, count }, requestId }`, the ids Generate would see for this input. */
+  tokenize(request, options) {
+    return this.unary(this.generation, 'Tokenize', request, options);
   }
 
   /** grpc.health.v1 Check: resolves to 'SERVING', 'NOT_SERVING', ...; rejects (NOT_FOUND) for unknown names. */

@@ -150,6 +150,32 @@ test('INVALID_ARGUMENT names the field in a google.rpc.BadRequest', async () => 
   assert.deepEqual(rich.badRequest.field_violations.map((v) => v.field), ['page_size']);
 });
 
+test('Tokenize counts the tokens Generate sees as the prompt, for text and for messages', async () => {
+  const { response } = await client.tokenize({ text: PROMPT });
+  assert.equal(response.count, response.token_ids.length);
+  const done = await client.generateText({ text: PROMPT, adapter: '', stopping: { max_new_tokens: 1 } });
+  assert.equal(done.finished.usage.prompt_tokens, response.count);
+  const err = await rejection(client.tokenize({ messages: { messages: [{ role: 'user', content: 'hi' }] } }));
+  assert.equal(err.code, Status.INVALID_ARGUMENT); // the tiny test tokenizer has no chat template
+  assert.deepEqual(richError(err).badRequest.field_violations.map((v) => v.field), ['messages']);
+});
+
+test('logprobs with top alternatives, min_new_tokens and an adapter mix come through', async () => {
+  const request = {
+    text: PROMPT,
+    adapter_mix: [{ name: resident, weight: 0.7 }, { name: LOADED, weight: 0.3 }],
+    logprobs: true,
+    top_logprobs: 3,
+    stopping: { max_new_tokens: 6, min_new_tokens: 6 },
+  };
+  const { tokenIds, logprobs, finished } = await client.generateText(request);
+  assert.equal(logprobs.length, tokenIds.length);
+  assert.ok(logprobs.every((lp, i) => lp.token_id === tokenIds[i] && lp.logprob <= 0 && lp.top.length === 3));
+  assert.equal(finished.usage.completion_tokens, 6);
+  assert.deepEqual(finished.adapter_mix.map((m) => m.name), [resident, LOADED]);
+  assert.equal(finished.adapter, '');
+});
+
 test('UnloadAdapter removes the adapter; allow_missing makes a repeat OK', async () => {
   const { response } = await client.unloadAdapter({ name: LOADED });
   assert.equal(response.adapter.name, LOADED);
