@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale proto proto-lint proto-check run clean
+.PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix proto proto-lint proto-check run clean
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -58,7 +58,7 @@ lint: $(STAMP)
 	for link in $(LINT_LINKS); do ln -s $(CURDIR)/$${link#*:} $(LINT_TREE)/$${link%%:*}; done
 	cd build/lint && ../../$(PY) -m mypy --config-file ../../pyproject.toml loramux
 
-bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale
+bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
@@ -69,6 +69,10 @@ bench-long-prompt: $(STAMP)
 # 1,000 adapters on disk (5 GB, built once under build/bench-scale/), load on demand within a budget of 64.
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale
+
+# A 1,024-token system prompt per adapter, shared by every request: the prefix cache on vs off.
+bench-prefix: $(STAMP)
+	$(PY) -m bench.prefix
 
 bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager

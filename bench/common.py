@@ -16,8 +16,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 N_ADAPTERS = 8
 
 
-def llama_512() -> LlamaForCausalLM:
-    """Hidden 512, 8 layers, vocab 8192, random weights (seeded)."""
+def llama_512(*, max_positions: int = 512) -> LlamaForCausalLM:
+    """Hidden 512, 8 layers, vocab 8192, random weights (seeded; the same whatever ``max_positions``)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=8192,
@@ -26,7 +26,7 @@ def llama_512() -> LlamaForCausalLM:
         num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=8,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
     )
     return LlamaForCausalLM(config).eval()
 

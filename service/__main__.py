@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loramux.core import EngineConfig
 from loramux.core.adapters.names import validate_adapter_name
-from loramux.core.engine.config import KV_MEMORY_FRACTION
+from loramux.core.engine.config import KV_MEMORY_FRACTION, PREFIX_CACHE_DEFAULT_BYTES, PREFIX_CACHE_MEMORY_FRACTION
 from loramux.core.errors import InvalidArgumentError
 from loramux.core.model.linear_kernels import LinearKernel
 from loramux.core.model.loader import DTYPES, ModelSpec
@@ -32,7 +32,7 @@ from loramux.service.config import (
 )
 from loramux.service.logs import LOG_FORMATS, configure_logging
 from loramux.service.server import serve
-from loramux.service.sizes import parse_size
+from loramux.service.sizes import format_size, parse_size
 
 _ENGINE, _NET = EngineConfig(), NetworkConfig()
 _ENGINE_FLAGS = (  # EngineConfig field, help
@@ -68,6 +68,13 @@ def _size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte (got {text!r})")
     return value
+
+
+def _size_or_zero(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _adapter(text: str) -> AdapterPreload:
@@ -153,6 +160,22 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         metavar="SIZE",
         help=f"bytes the batch's KV cache may hold, e.g. 8GiB; requests wait for room (default: "
         f"{KV_MEMORY_FRACTION:.0%} of the memory available when the engine starts)",
+    )
+    g.add_argument(
+        "--prefix-cache-memory",
+        type=_size_or_zero,
+        metavar="SIZE",
+        help=(
+            "bytes of prompt KV kept for reuse by prompts that start the same way (same adapter and version), "
+            f"e.g. 2GiB; 0 turns the prefix cache off (default: {format_size(PREFIX_CACHE_DEFAULT_BYTES)}, at most "
+            f"{PREFIX_CACHE_MEMORY_FRACTION:.0%} of the memory available)"
+        ),
+    )
+    g.add_argument(
+        "--prefix-block-tokens",
+        type=_positive_int,
+        default=_ENGINE.prefix_block_tokens,
+        help=f"tokens per prefix-cache block; prompts reuse whole blocks (default {_ENGINE.prefix_block_tokens})",
     )
     kernel = _ENGINE.linear_kernel.value
     g.add_argument(
@@ -246,6 +269,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         max_total_tokens=args.max_total_tokens,
         max_model_len=args.max_model_len,
         max_kv_bytes=args.max_kv_memory,
+        prefix_cache_bytes=args.prefix_cache_memory,
+        prefix_block_tokens=args.prefix_block_tokens,
         linear_kernel=LinearKernel(args.linear_kernel),
         ragged_attention=args.ragged_attention,
     )

@@ -136,7 +136,11 @@ def generate_response(event: GenerationEvent) -> gpb.GenerateResponse:
         return gpb.GenerateResponse(chunk=chunk)
     finished = gpb.GenerationFinished(
         finish_reason=_FINISH_REASONS[event.reason],
-        usage=gpb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+        usage=gpb.Usage(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            cached_prompt_tokens=event.cached_prompt_tokens,
+        ),
         adapter=event.adapter or "",
         adapter_version=event.adapter_version,
         stop_sequence=event.stop_sequence or "",

@@ -33,6 +33,7 @@ from loramux.core import Engine, EngineLoad
 from loramux.core.adapters.adapter import AdapterEvent, AdapterEventKind, AdapterInfo, AdapterState
 from loramux.core.adapters.claims import ClaimStats
 from loramux.core.adapters.manager import AdapterManager
+from loramux.core.engine.prefix_cache import PrefixStats
 from loramux.service.calls import MIX_LABEL, CallLog
 
 log = logging.getLogger("loramux.service")
@@ -211,6 +212,7 @@ class _StateCollector(Collector):
             value=load.kv_cache_padded_tokens,
         )
         yield from _adapter_families(engine.manager if engine is not None else None, adapters)
+        yield from _prefix_families(engine.prefix_stats() if engine is not None else PrefixStats())
         info_family = GaugeMetricFamily(
             "loramux_lora_requests_info",
             "Adapters of running and waiting requests (vLLM's lora_requests_info labels); value: Unix time",
@@ -220,6 +222,30 @@ class _StateCollector(Collector):
         max_lora = engine.manager.max_adapters if engine is not None else metrics.max_adapters
         info_family.add_metric((str(max_lora), running, waiting), time.time())
         yield info_family
+
+
+def _prefix_families(stats: PrefixStats) -> Iterator[Metric]:
+    """The prefix cache: lookups (one per prompt prefilled) that reused blocks or not, tokens saved, memory."""
+    prefix = "loramux_prefix_cache"
+    yield CounterMetricFamily(f"{prefix}_hits", "Prompts that reused cached blocks", value=stats.hits)
+    yield CounterMetricFamily(
+        f"{prefix}_misses", "Prompts that reused no cached block", value=stats.lookups - stats.hits
+    )
+    yield CounterMetricFamily(
+        f"{prefix}_hit_tokens", "Prompt tokens not prefilled thanks to the cache", value=stats.hit_tokens
+    )
+    yield CounterMetricFamily(f"{prefix}_lookup_tokens", "Prompt tokens of every lookup", value=stats.lookup_tokens)
+    yield CounterMetricFamily(f"{prefix}_evictions", "Blocks evicted to make room", value=stats.evictions)
+    yield CounterMetricFamily(
+        f"{prefix}_skipped_blocks",
+        "Blocks not cached: no room, every block in the way held by a running request",
+        value=stats.skipped,
+    )
+    yield GaugeMetricFamily(f"{prefix}_bytes", "Bytes of KV held by the prefix cache", value=stats.bytes)
+    yield GaugeMetricFamily(
+        f"{prefix}_max_bytes", "The prefix cache's budget (--prefix-cache-memory; 0: off)", value=stats.max_bytes
+    )
+    yield GaugeMetricFamily(f"{prefix}_blocks", "Blocks held by the prefix cache", value=stats.blocks)
 
 
 def _adapter_families(manager: AdapterManager | None, resident: list[AdapterInfo]) -> Iterator[Metric]:

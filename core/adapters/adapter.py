@@ -10,6 +10,7 @@ run with, so an unloaded or replaced adapter stays valid for them until they let
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from loramux.core.adapters.sources import AdapterFiles, AdapterLocation, Adapter
 from loramux.core.adapters.spec import LoraSpec
 from loramux.core.adapters.targeting import Target
 from loramux.core.lora.weights import AdapterWeights
+
+_LOAD_IDS = itertools.count(1)  # 0 is the base model's owner id in the prefix cache
 
 
 class AdapterState(enum.Enum):
@@ -137,6 +140,8 @@ class LoadedAdapter:
     version: int = 1
     users: int = 0
     draining: bool = False
+    # Unique to this load (the prefix cache keys KV by it): a reload of the same files is a new load.
+    load_id: int = field(default_factory=lambda: next(_LOAD_IDS))
 
     @property
     def name(self) -> str:

@@ -4,19 +4,23 @@ A prompt of thousands of tokens prefilled in one forward stalls every running st
 whole duration (seconds on a CPU). The engine instead feeds such a prompt ``chunk`` tokens per step into a
 cache of its own, between the batch's decode steps; after the last chunk the row samples its first token
 and joins the batch like any other. Each chunk attends to the cached tokens before it, so the result is
-the one-shot prefill's up to float rounding (the attention sums in a different order).
+the one-shot prefill's up to float rounding (the attention sums in a different order). A prompt whose start
+the prefix cache holds starts after it, from a cache seeded with those blocks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from loramux.core.engine.logprobs import logprobs_of
+from loramux.core.engine.prefill import seeded_cache
+from loramux.core.engine.prefix_cache import Block
 from loramux.core.engine.row import Row
-from loramux.core.lora.routing import RoutingPlan, use_plan
+from loramux.core.lora.routing import RoutingPlan, build_plan, use_plan
 from loramux.core.model.kv_cache import GrowableCache
 
 
@@ -26,6 +30,15 @@ class ChunkedPrefill:
     plan: RoutingPlan  # the row's own (one-row) routing plan
     cache: GrowableCache = field(default_factory=GrowableCache)
     done: int = 0  # prompt tokens already in the cache
+
+    @classmethod
+    def after(cls, row: Row, blocks: Sequence[Block], *, room: int) -> ChunkedPrefill:
+        """The prefill of ``row``'s prompt after the cached ``blocks`` it starts with (none: from its start)."""
+        plan = build_plan([row.weights])
+        if not blocks:
+            return cls(row, plan=plan)
+        done = row.cached_prompt_tokens = sum(len(b.tokens) for b in blocks)
+        return cls(row, plan=plan, cache=seeded_cache([blocks], [done], columns=done, room=room), done=done)
 
     @property
     def finished(self) -> bool:

@@ -33,10 +33,19 @@ class EngineConfig:
     # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
     # (loramux.core.model.ragged_attention); False keeps one SDPA call over the whole padded width.
     ragged_attention: bool = True
+    # Bytes of prompt KV kept for reuse by later prompts that start the same way, per owner (base model or one
+    # adapter load; prefix_cache.py); 0 turns the cache off; None: PREFIX_CACHE_DEFAULT_BYTES, at most
+    # PREFIX_CACHE_MEMORY_FRACTION of the memory available when the engine starts.
+    prefix_cache_bytes: int | None = None
+    # Tokens per cached block: a prompt reuses whole blocks.
+    prefix_block_tokens: int = 16
 
     def __post_init__(self) -> None:
         given = [name for name in OPTIONAL_LIMITS if getattr(self, name) is not None]
         small = [f"{n}={getattr(self, n)!r}" for n in (*LIMITS, *given) if not _is_positive_int(getattr(self, n))]
+        cache = self.prefix_cache_bytes
+        if cache is not None and not (isinstance(cache, int) and not isinstance(cache, bool) and cache >= 0):
+            small.append(f"prefix_cache_bytes={cache!r} (0 turns the cache off)")
         if small:
             raise ValueError(f"engine limits must be integers >= 1: {', '.join(small)}")
         if not isinstance(self.linear_kernel, LinearKernel):
@@ -44,6 +53,8 @@ class EngineConfig:
 
 
 KV_MEMORY_FRACTION: Final = 0.4  # of the memory available at start, when max_kv_bytes is not given
+PREFIX_CACHE_DEFAULT_BYTES: Final = 512 * 2**20
+PREFIX_CACHE_MEMORY_FRACTION: Final = 0.1
 
 # The fields that are limits or sizes (each an int >= 1), in declaration order; OPTIONAL_LIMITS may be None.
 OPTIONAL_LIMITS: Final = ("max_total_tokens", "max_model_len", "max_kv_bytes")
@@ -55,6 +66,7 @@ LIMITS: Final = (
     "max_new_tokens_ceiling",
     "max_prefill_tokens",
     "prefill_chunk_tokens",
+    "prefix_block_tokens",
 )
 
 

@@ -1,9 +1,11 @@
 """The generation engine: one thread owns the model and decodes every running request in one batch.
 
-Each loop iteration (a *step*): drop cancelled rows, admit queued requests (prefill them together, sample
-their first token, merge their KV cache into the batch), then one decode forward for all rows, whatever
-adapter each uses (a per-row routing plan, extended when rows join and compacted when they leave). Each
-step's events go to the requests' channels together (``deliver``).
+Each loop iteration (a *step*): drop cancelled rows, admit queued requests (prefill them together, after
+whatever the prefix cache holds of their prompts; sample their first token, merge their KV cache into the
+batch), then one decode forward for all rows, whatever adapter each uses (a per-row routing plan, extended
+when rows join and compacted when they leave). Each step's events go to the requests' channels together
+(``deliver``). Rows add their prompts' blocks to the prefix cache when they join, and their answers' when
+they leave (``prefix_reuse``).
 
 Requests are validated before they are queued (``admission``); which waiting requests join at a step is
 the scheduler's decision (``scheduler``, no model needed). On its thread the engine first switches the
@@ -27,8 +29,11 @@ from loramux.core.engine.chunked_prefill import ChunkedPrefill
 from loramux.core.engine.config import EngineConfig
 from loramux.core.engine.limits import EngineLimits, resolve_limits
 from loramux.core.engine.load import EngineLoad, engine_load
-from loramux.core.engine.logprobs import logprobs_of, prompt_logprobs
+from loramux.core.engine.logprobs import logprobs_of
 from loramux.core.engine.outputs import accept_token, eos_ids, finished_event
+from loramux.core.engine.prefill import prefill_rows
+from loramux.core.engine.prefix_cache import PrefixCache, PrefixStats
+from loramux.core.engine.prefix_reuse import RowPrefixes, split_by_reuse
 from loramux.core.engine.requests import EventChannel, GenerationRequest, TokenLogprob, deliver
 from loramux.core.engine.row import Row
 from loramux.core.engine.sampling import sample_next_tokens
@@ -78,7 +83,7 @@ class Engine:
             max_rows=config.max_batch_rows,
             prefill_tokens=config.max_prefill_tokens,
             chunk_tokens=config.prefill_chunk_tokens,
-            prompt_len=lambda row: len(row.prompt_ids),
+            prompt_len=lambda row: len(row.prompt_ids) - self._prefixes.cached_tokens(row),  # what it prefills
             state=lambda row: row.readiness(self.manager),
             key=lambda row: row.key,
             final_len=lambda row: row.final_len,
@@ -172,6 +177,9 @@ class Engine:
             kv_blocked=kv_blocked,
         )
 
+    def prefix_stats(self) -> PrefixStats:
+        return self._prefixes.cache.stats()
+
     def stop_accepting(self) -> None:
         self._accepting = False
 
@@ -191,6 +199,8 @@ class Engine:
             self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
             self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
             self.limits = resolve_limits(self.config, self.model, self.tokenizer)
+            cache = PrefixCache(max_bytes=self.limits.prefix_cache_bytes, block_tokens=self.config.prefix_block_tokens)
+            self._prefixes = RowPrefixes(cache)
         except BaseException as exc:  # the constructor raises it
             failed.append(exc)
             return
@@ -231,22 +241,28 @@ class Engine:
             return None
 
     def _leave(self, row: Row, error: BaseException | None = None) -> None:
-        """The row is done with the engine: its error (if any) goes to its caller, its claims back."""
+        """The row is done with the engine: its error (if any) goes to its caller, its claims and blocks back."""
         if error is not None:
             row.channel.put(error)
         row.release(self.manager)
+        self._prefixes.release(row)
 
     def _start(self, step: StepAdmission[Row]) -> None:
         for row in step.dropped:
             self._leave(row, row.error or RequestCancelledError("the request was cancelled before it started"))
         if step.chunked is not None:
             with torch.no_grad():
-                self._chunking = ChunkedPrefill(step.chunked, plan=build_plan([step.chunked.weights]))
+                blocks = self._prefixes.take(step.chunked)  # it starts after the part of it the cache holds
+                self._chunking = ChunkedPrefill.after(step.chunked, blocks, room=self.config.prefill_chunk_tokens)
         if not step.prefill:
             return
         try:
             with torch.no_grad():
-                self._prefill(step.prefill)
+                for rows, reused in split_by_reuse(step.prefill, self._prefixes):
+                    cache, mask, plan, logits = prefill_rows(
+                        self.model, rows, reused, pad=self._pad, device=self._device
+                    )
+                    self._join(rows, cache, mask, plan, logits)
         except Exception:
             log.exception("prefill failed")
             for row in step.prefill:
@@ -255,25 +271,6 @@ class Engine:
                     row.channel.cancel()
                 else:
                     self._leave(row, EngineFailure("generation failed inside the engine"))
-
-    def _prefill(self, new: list[Row]) -> None:
-        ids, mask = kv_batch.left_pad([r.prompt_ids for r in new], pad_id=self._pad, device=self._device)
-        cache, plan = GrowableCache(), build_plan([r.weights for r in new])
-        every = any(r.request.prompt_logprobs for r in new)  # every position's logits, only when asked
-        with use_plan(plan):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=kv_batch.prefill_positions(mask),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=0 if every else 1,
-            )
-        for i, row in enumerate(new):
-            if row.request.prompt_logprobs:  # its prompt is the last len(prompt) columns
-                own = out.logits[i, ids.shape[1] - len(row.prompt_ids) :]
-                row.prompt_logprobs = prompt_logprobs(own, row.prompt_ids, row.top_logprobs)
-        self._join(new, cache, mask, plan, out.logits[:, -1, :])
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the long prompt being prefilled; after the last, its row joins the batch."""
@@ -300,6 +297,8 @@ class Engine:
 
     def _join(self, new: list[Row], cache: GrowableCache, mask: Tensor, plan: RoutingPlan, logits: Tensor) -> None:
         """Prefilled rows (their cache, mask (N, S), plan and last logits (N, V)) join the decode batch."""
+        for i, row in enumerate(new):  # their prompts' blocks, from the new rows' own cache (before merging)
+            self._prefixes.store_prompt(row, cache, i)
         if self._cache is None or self._mask is None:  # the new rows are the whole batch: so is their plan
             self._cache, self._mask, self._plan = cache, mask, plan
         else:
@@ -363,14 +362,16 @@ class Engine:
                 for row in (self._rows[i] for i in sorted(removed))
             ]
         )
+        assert self._cache is not None and self._mask is not None
+        held = self._mask.sum(dim=1).tolist()  # tokens each row has KV for (its last token was never fed)
         for i in removed:
-            self._rows[i].release(self.manager)
+            self._prefixes.store_output(self._rows[i], self._cache, i, length=held[i])
+            self._leave(self._rows[i])
         order, moves = swap_remove(len(self._rows), removed)
         self._rows = [self._rows[i] for i in order]
         if not self._rows:
             self._cache, self._mask, self._plan = None, None, None
             return
-        assert self._cache is not None and self._mask is not None
         self._mask = kv_batch.select_rows(self._cache, self._mask, order)
         if self._plan is not None:
             self._plan = self._plan.compact(moves, len(order))

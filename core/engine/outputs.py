@@ -18,6 +18,7 @@ def accept_token(row: Row, token: int, *, eos: Set[int], logprob: TokenLogprob |
     it finished on EOS (unless ignored), a stop token id, a stop string or max_new_tokens. The delta to stream,
     if any (with the token's log-probability when the request asked for them)."""
     row.last_token = token
+    row.output_ids.append(token)
     row.generated += 1
     request = row.request
     is_stop_token = token in request.stop_token_ids
@@ -54,6 +55,7 @@ def finished_event(row: Row, reason: FinishReason) -> Finished:
         stop_token_id=row.stop_token,
         prompt_logprobs=tuple(row.prompt_logprobs),
         adapter_mix=tuple(MixMember(a.name, a.version, w) for a, w in row.mix),
+        cached_prompt_tokens=row.cached_prompt_tokens,
     )
 
 

@@ -107,6 +107,7 @@ class Finished:
     stop_token_id: int | None = None  # for STOP_TOKEN
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # when asked: one per prompt token after the first
     adapter_mix: tuple[MixMember, ...] = ()  # the members as used, for a mixed request
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
 
 
 GenerationEvent = TokenDelta | Finished

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from loramux.core.adapters.adapter import LoadedAdapter
 from loramux.core.adapters.claims import Claim
 from loramux.core.adapters.manager import AdapterManager
+from loramux.core.engine.prefix_cache import Block
 from loramux.core.engine.requests import EventChannel, FinishReason, GenerationRequest, TokenLogprob
 from loramux.core.engine.sampling import RowSampler
 from loramux.core.engine.scheduler import Readiness
@@ -35,6 +36,10 @@ class Row:
     last_token: int = -1
     finish: FinishReason | None = None
     stop_token: int | None = None  # the stop token id that finished it
+    output_ids: list[int] = field(default_factory=list)  # every token sampled, EOS and stop tokens included
+    prefix_blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks it holds (prefix_reuse.py)
+    prefix_digests: tuple[int, list[bytes]] | None = None  # (owner, digest chain of its prompt), once computed
+    cached_prompt_tokens: int = 0  # prompt tokens its prefill started after (their KV from the prefix cache)
 
     @property
     def final_len(self) -> int:
@@ -49,7 +54,7 @@ class Row:
 
     def readiness(self, manager: AdapterManager) -> Readiness:
         """The scheduler's view while it waits: its adapter settled (READY), loading (WAIT), or DROP."""
-        if self.channel.cancelled.is_set():
+        if self.channel.cancelled.is_set() or self.error is not None:  # asked again after its load failed
             return Readiness.DROP
         for claim in self.claims:
             if claim.adapter is not None and manager.requeue_if_draining(claim):

@@ -151,6 +151,18 @@ class GrowableCache(DynamicCache):
         super().__init__()
         self.layer_class_to_replicate = GrowableLayer
 
+    @classmethod
+    def adopting(cls, buffers: Sequence[tuple[Tensor, Tensor]], *, rows: int, length: int) -> GrowableCache:
+        """A cache whose layers take over these (keys, values) buffers (R, H, capacity, D), one pair per layer,
+        the first ``length`` columns of the first ``rows`` rows holding states already (a cached prefix)."""
+        cache = cls()
+        for key_buffer, value_buffer in buffers:
+            layer = GrowableLayer()
+            layer.lazy_initialization(key_buffer, value_buffer)
+            layer.adopt(key_buffer, value_buffer, rows=rows, length=length)
+            cache.layers.append(layer)
+        return cache
+
     def allocated_bytes(self) -> int:
         """Bytes held by every layer's buffers, spare room included (attribute reads only: safe from any thread)."""
         return sum(layer.allocated_bytes() for layer in list(self.layers) if isinstance(layer, GrowableLayer))

@@ -242,7 +242,7 @@ MESSAGES = {
         "prompt_logprobs": "8 repeated TokenLogprob",
         "adapter_mix": "9 repeated MixMember",
     },
-    "Usage": {"prompt_tokens": "1 uint32", "completion_tokens": "2 uint32"},
+    "Usage": {"prompt_tokens": "1 uint32", "completion_tokens": "2 uint32", "cached_prompt_tokens": "3 uint32"},
 }
 
 ENUMS = {

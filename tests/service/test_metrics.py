@@ -158,3 +158,33 @@ def test_access_log_line_carries_ids_adapter_tokens_durations_and_trace(server, 
     assert fields["completion_tokens"] == "3" and int(fields["prompt_tokens"]) > 0
     assert float(fields["ttft_ms"]) <= float(fields["duration_ms"])
     assert fields["traceparent"] == TRACEPARENT
+
+
+def test_prefix_cache_metrics_count_hits_tokens_and_bytes(make_server):
+    server = make_server(metrics_port=0, prefix_block_tokens=2)
+    first = generate(server, 3, adapter="math")
+    second = generate(server, 3, adapter="math")  # the same prompt: its blocks, all but the last token's
+    third = generate(server, 3, adapter="poet")  # another adapter: never the first one's blocks
+    s = scrape(server)
+    reusable = (first.usage.prompt_tokens - 1) // 2 * 2
+    assert reusable > 0
+    assert [f.usage.cached_prompt_tokens for f in (first, second, third)] == [0, reusable, 0]
+    assert value(s, "loramux_prefix_cache_hits_total") == 1
+    assert value(s, "loramux_prefix_cache_misses_total") == 2
+    assert value(s, "loramux_prefix_cache_hit_tokens_total") == reusable
+    assert value(s, "loramux_prefix_cache_lookup_tokens_total") == 3 * first.usage.prompt_tokens
+    assert 0 < value(s, "loramux_prefix_cache_bytes") <= value(s, "loramux_prefix_cache_max_bytes")
+    assert value(s, "loramux_prefix_cache_blocks") > 0
+
+
+def test_prefix_cache_flags():
+    parse = service_main.build_parser().parse_args
+    config = service_main.config_from_args(parse(["--model", "x", "--prefix-cache-memory", "64MiB"]), {})
+    assert config.engine.prefix_cache_bytes == 64 * 2**20
+    off = service_main.config_from_args(parse(["--model", "x", "--prefix-cache-memory", "0"]), {})
+    assert off.engine.prefix_cache_bytes == 0
+    default = service_main.config_from_args(parse(["--model", "x", "--prefix-block-tokens", "16"]), {})
+    assert (default.engine.prefix_cache_bytes, default.engine.prefix_block_tokens) == (None, 16)
+    for bad in (["--prefix-cache-memory", "lots"], ["--prefix-block-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            parse(["--model", "x", *bad])

@@ -170,7 +170,8 @@ def _usage_line(done: Completion) -> str:
     adapter = f"mix {mix}" if mix else done.adapter or "(base)"
     seed = f", seed {done.seed}" if done.seed is not None else ""
     return (
-        f"[{done.finish_reason}; adapter {adapter} v{done.adapter_version}; prompt {done.prompt_tokens} tokens, "
+        f"[{done.finish_reason}; adapter {adapter} v{done.adapter_version}; prompt {done.prompt_tokens} tokens"
+        f"{f' ({done.cached_prompt_tokens} cached)' if done.cached_prompt_tokens else ''}, "
         f"completion {done.completion_tokens} tokens{seed}; request {done.request_id}]"
     )
 

@@ -45,6 +45,7 @@ class Completion:
     stop_token_id: int | None = None  # for "stop_token"
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with prompt_logprobs: one per prompt token after the first
     adapter_mix: tuple[MixMember, ...] = ()  # with adapter_mix: its members as used
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the server's prefix cache held (not prefilled)
 
 
 GenerateEvent = TextChunk | Completion

@@ -158,6 +158,7 @@ def generate_event(response: gpb.GenerateResponse, request_id: str) -> GenerateE
         stop_token_id=finished.stop_token_id if finished.HasField("stop_token_id") else None,
         prompt_logprobs=_logprobs(finished.prompt_logprobs),
         adapter_mix=tuple(MixMember(m.name, m.version, m.weight) for m in finished.adapter_mix),
+        cached_prompt_tokens=finished.usage.cached_prompt_tokens,
     )
 
 

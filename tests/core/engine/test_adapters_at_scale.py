@@ -21,6 +21,7 @@ from loramux.core import AdapterManager, Engine, EngineConfig, GenerationRequest
 from loramux.core.adapters import builder
 from loramux.core.adapters.adapter import AdapterEvent, AdapterEventKind, AdapterState
 from loramux.core.adapters.on_demand import OnDemand
+from loramux.core.engine.scheduler import Readiness
 from loramux.core.errors import (
     AdapterNotFoundError,
     AdapterSourceForbiddenError,
@@ -255,6 +256,24 @@ def test_a_corrupt_adapter_on_demand_fails_only_its_own_requests(base_model, tok
         assert collect(good)[0] == peft_greedy(base_model, farm / name(6), 6)
         assert [i.name for i in manager.list_adapters()] == ["root/good"]  # nothing registered for the bad one
         assert events.count(AdapterEventKind.LOAD) == 1
+    finally:
+        engine.close()
+
+
+def test_a_request_whose_load_failed_stays_dropped_however_often_it_is_asked(base_model, tokenizer, farm, tmp_path):
+    """The scheduler may ask a waiting row's readiness twice in one step: the second answer must not turn a
+    failed load (its claim spent by the first) into a run on the bare base model (seen once in the soak)."""
+    (tmp_path / "root" / "bad").mkdir(parents=True)
+    (tmp_path / "root" / "bad" / "adapter_config.json").write_text((farm / name(6) / "adapter_config.json").read_text())
+    (tmp_path / "root" / "bad" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    engine, manager, _ = make(base_model, tokenizer, on_demand=OnDemand(roots=[tmp_path], allow_hub=False))
+    try:
+        row = engine._admission.admit(GenerationRequest(prompt=PROMPT, adapter="root/bad", max_new_tokens=3))
+        (claim,) = row.claims
+        assert claim.job is not None and claim.job.done.wait(30), "the load did not finish"
+        assert [row.readiness(manager) for _ in range(3)] == [Readiness.DROP] * 3
+        assert isinstance(row.error, CorruptAdapterError) and row.weights is None
+        row.release(manager)
     finally:
         engine.close()
 
