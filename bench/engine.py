@@ -209,6 +209,10 @@ def main() -> None:
             {  # latencies from the measured rounds only, not the warm-up
                 "64 requests, 64 distinct adapters": lambda: distinct64(latencies if next(runs) else None),
                 "64 requests, one shared adapter": engine_case(base, tok, s["clones"], lambda names: [names[0]] * 64),
+                "64 requests, 8 adapters (8 rows each)": engine_case(
+                    base, tok, s["clones"][:8], lambda names: [names[i % 8] for i in range(64)]
+                ),
+                "64 requests, no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * 64),
             }
         )
         rates = in_fresh_thread(roofline.stream_rates)
@@ -235,6 +239,16 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
         (
             "64 distinct adapters vs 64 on one adapter",
             tput64["64 requests, 64 distinct adapters"] / tput64["64 requests, one shared adapter"],
+            0.8,
+        ),
+        (
+            "64 requests over 8 adapters vs 64 without adapters",
+            tput64["64 requests, 8 adapters (8 rows each)"] / tput64["64 requests, no adapters"],
+            0.9,
+        ),
+        (
+            "64 distinct adapters vs 64 without adapters",
+            tput64["64 requests, 64 distinct adapters"] / tput64["64 requests, no adapters"],
             0.8,
         ),
     ]

@@ -4,8 +4,10 @@
 
 Compares, for a batch whose rows use different adapters, the time of one wrapped projection:
 - base only (no LoRA) — the floor;
-- grouped: one matmul pair per distinct adapter over its rows (PEFT's mixed-batch loop);
+- loop: one matmul pair per distinct adapter over its rows (PEFT's mixed-batch loop);
 - gathered: per-row A/B stacks gathered once per batch composition, one bmm pair per step (gather-bmm);
+- grouped: rows grouped by adapter into a padded (K, M, in) block, one bmm pair over the K distinct
+  adapters' stacks (loramux.core.lora.grouped: each adapter read once);
 - wide: all distinct adapters' A concatenated, one wide matmul, rows masked to their own block, then B.
 The loser strategies live here only, as the measured alternatives to what loramux.core.lora.routing keeps.
 """
@@ -19,13 +21,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from loramux.core.lora.grouped import GroupedLinear
 from loramux.core.lora.routing import GatheredLinear
 from loramux.core.lora.weights import LinearLora
 
 Step = Callable[[], torch.Tensor]
 
 
-def grouped_loop(x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]) -> Step:
+def peft_loop(x: torch.Tensor, base: torch.nn.Linear, loras: list[LinearLora], row_slot: list[int]) -> Step:
     """PEFT's _mixed_batch_forward: per distinct adapter, gather its rows, two matmuls, scatter-add."""
     groups = [  # PEFT's layouts: lora_A.weight (r, in), lora_B.weight (out, r), contiguous
         (
@@ -79,15 +82,16 @@ def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: 
     row_slot = [i % adapters for i in range(rows)]
     row_loras = [loras[s] for s in row_slot]
     x = torch.randn(rows, tokens, d_in)
-    gathered = GatheredLinear(row_loras)
+    gathered, grouped = GatheredLinear(row_loras), GroupedLinear(row_loras)
     steps: dict[str, Step] = {
         "base": lambda: base(x),
-        "grouped": grouped_loop(x, base, loras, row_slot),
+        "loop": peft_loop(x, base, loras, row_slot),
         "gathered": lambda: gathered.forward(base, x, (), {}),
+        "grouped": lambda: grouped.forward(base, x, (), {}),
         "wide": wide_masked(x, base, loras, row_slot),
     }
-    reference = steps["grouped"]()
-    for name in ("gathered", "wide"):
+    reference = steps["loop"]()
+    for name in ("gathered", "grouped", "wide"):
         assert torch.allclose(steps[name](), reference, atol=1e-4), name
     with torch.no_grad():
         results = {name: [] for name in steps}
@@ -99,7 +103,8 @@ def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: 
 
 def main() -> None:
     torch.set_num_threads(2)
-    print(f"{'case':44} {'base':>9} {'grouped':>9} {'gathered':>9} {'wide':>9}   (µs per projection)")
+    names = ("base", "loop", "gathered", "grouped", "wide")
+    print(f"{'case':44} " + " ".join(f"{n:>9}" for n in names) + "   (µs per projection)")
     cases = [
         ("decode 8 rows x 8 adapters, 512->512", dict(rows=8, tokens=1, adapters=8, d_in=512, d_out=512)),
         ("decode 8 rows x 8 adapters, 512->1376", dict(rows=8, tokens=1, adapters=8, d_in=512, d_out=1376)),
@@ -110,10 +115,13 @@ def main() -> None:
         ("decode 64 rows x 64 adapters, 512->512", dict(rows=64, tokens=1, adapters=64, d_in=512, d_out=512)),
         ("decode 64 rows x 2 adapters, 512->512", dict(rows=64, tokens=1, adapters=2, d_in=512, d_out=512)),
         ("decode 64 rows x 8 adapters, 512->512", dict(rows=64, tokens=1, adapters=8, d_in=512, d_out=512)),
+        ("decode 64 rows x 8 adapters, 512->1376", dict(rows=64, tokens=1, adapters=8, d_in=512, d_out=1376)),
+        ("decode 64 rows x 1 adapter, 512->512", dict(rows=64, tokens=1, adapters=1, d_in=512, d_out=512)),
+        ("decode 8 rows x 2 adapters, 512->512", dict(rows=8, tokens=1, adapters=2, d_in=512, d_out=512)),
     ]
     for label, kwargs in cases:
         t = compare(r=16, repeats=50, **kwargs)
-        print(f"{label:44} " + " ".join(f"{t[k] * 1e6:9.1f}" for k in ("base", "grouped", "gathered", "wide")))
+        print(f"{label:44} " + " ".join(f"{t[k] * 1e6:9.1f}" for k in names))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ with different plans, and the plan is gone when the ``with`` block exits, even i
 
 The per-row math is the hot path of every decode step. bench/lora_routing.py measures gather-bmm against a
 loop over adapters (PEFT's mixed batch) and one wide masked matmul over stacked adapters; gather-bmm won in
-every case measured (BENCHMARKS.md), so two routes remain:
+every case measured (BENCHMARKS.md) where rows use distinct adapters; three routes remain:
 - ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
 - ``GatheredLinear``: per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
   compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
   baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
+- ``GroupedLinear`` (grouped.py): rows share adapters: each distinct adapter's weights read once per step.
 """
 
 from __future__ import annotations
@@ -24,19 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loramux.core.lora.grouped import GroupedLinear, prefers_grouped
+from loramux.core.lora.route import Route
 from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora
-
-
-class Route:
-    """How one wrapped module computes its output for the rows of a plan."""
-
-    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        """The module's output for x; args/kwargs are the extra arguments of the base module's call."""
-        raise NotImplementedError
-
-    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
-        """In place: row dst takes row src's routing for each (dst, src) in moves, then keep the first
-        ``rows`` rows. Routes without per-row state need nothing."""
 
 
 @dataclass(frozen=True)
@@ -317,11 +308,19 @@ def _common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
 
 
 def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
-    """Uniform when one adapter covers every row, else gather-bmm (fastest in bench/lora_routing.py)."""
+    """Uniform when one adapter covers every row; grouped by adapter when rows share adapters (each read once
+    per step); else gather-bmm over per-row stacks (fastest for distinct adapters, bench/lora_routing.py)."""
     first = row_loras[0]
     if first is not None and all(lo is first for lo in row_loras):
         return UniformLinear(first)
+    if prefers_grouped(row_loras):
+        return GroupedLinear(row_loras)
     return GatheredLinear(row_loras)
+
+
+def _keeps(route: Route, row_loras: Sequence[LinearLora | None]) -> bool:
+    """Is ``route`` (gathered or grouped) still the kind linear_route would pick for these rows?"""
+    return isinstance(route, GroupedLinear) == prefers_grouped(row_loras)
 
 
 def build_plan(
@@ -339,11 +338,12 @@ def build_plan(
     for name in dict.fromkeys(n for a in adapters for n in a.linear):
         old = (reuse or {}).get(name)
         added = [a.linear.get(name) if a is not None else None for a in new_rows]
-        if isinstance(old, GatheredLinear) and old.can_append(added):
+        combined = [a.linear.get(name) if a is not None else None for a in rows]
+        if isinstance(old, GatheredLinear | GroupedLinear) and old.can_append(added) and _keeps(old, combined):
             old.append(added)
             routes[name] = old
             continue
-        routes[name] = linear_route([a.linear.get(name) if a is not None else None for a in rows])
+        routes[name] = linear_route(combined)
     for name in dict.fromkeys(n for a in adapters for n in a.embedding):
         routes[name] = RoutedEmbedding([a.embedding.get(name) if a is not None else None for a in rows])
     for name in dict.fromkeys(n for a in adapters for n in a.saved_modules):

@@ -1,0 +1,95 @@
+"""The grouped LoRA route: rows grouped by adapter, so each distinct adapter's A and B are read once per step.
+
+The gathered route (routing.GatheredLinear) keeps one A/B stack per *row*: 64 rows over 8 adapters read 64
+adapters' worth of weights every step, though only 8 are distinct. Here the stacks hold each distinct adapter
+once, (K, in, r) and (K, r, out), and the rows are gathered per adapter into a padded (K, M, in) block (M: the
+most rows any adapter has; padding slots repeat a real row and are dropped), so a step reads K adapters
+(Punica's SGMV and S-LoRA's MBGMM do the same with custom kernels; this is two bmm calls). Each row's delta is
+the same x · A · B · s as PEFT's; rows without this module's LoRA (base rows) get nothing added.
+
+Rows joining or leaving only regroup the indices; the stacks are rebuilt when the set of distinct adapters
+changes. ``prefers_grouped`` is the rule the plan uses to pick this route over the gathered one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loramux.core.lora.route import Route
+from loramux.core.lora.weights import LinearLora
+
+
+def prefers_grouped(row_loras: Sequence[LinearLora | None]) -> bool:
+    """Grouped when rows share adapters (at least two rows per distinct adapter on average) and no adapter has
+    a LoRA bias; else the per-row stacks of the gathered route cost no more and need no regrouping."""
+    present = [lo for lo in row_loras if lo is not None]
+    distinct = {id(lo) for lo in present}
+    return bool(present) and 2 * len(distinct) <= len(present) and all(lo.bias is None for lo in present)
+
+
+class GroupedLinear(Route):
+    def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
+        self._stacked: list[int] = []  # ids of the adapters in the stacks, in slot order
+        self._loras: list[LinearLora | None] = []
+        self.append(row_loras)
+
+    def can_append(self, row_loras: Sequence[LinearLora | None]) -> bool:
+        return all(lo is None or lo.bias is None for lo in row_loras)
+
+    def append(self, row_loras: Sequence[LinearLora | None]) -> None:
+        self._loras += list(row_loras)
+        self._regroup()
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
+        for dst, src in moves:
+            self._loras[dst] = self._loras[src]
+        del self._loras[rows:]
+        self._regroup()
+
+    def _regroup(self) -> None:
+        distinct = {id(lo): lo for lo in self._loras if lo is not None}
+        if list(distinct) != self._stacked:
+            self._stack(list(distinct.values()))
+        slot = {key: k for k, key in enumerate(self._stacked)}
+        members: list[list[int]] = [[] for _ in self._stacked]
+        for row, lo in enumerate(self._loras):
+            if lo is not None:
+                members[slot[id(lo)]].append(row)
+        width = max((len(m) for m in members), default=0)
+        # (K, M): each slot's rows, padded by repeating its first row; valid (V,): positions kept, rows (V,)
+        self.index = torch.tensor([m + [m[0]] * (width - len(m)) for m in members], device=self.At.device)
+        self.valid = torch.tensor(
+            [k * width + j for k, m in enumerate(members) for j in range(len(m))], device=self.At.device
+        )
+        self.rows = self.index.view(-1).index_select(0, self.valid)
+        self.padded = self.valid.numel() != self.index.numel()
+
+    def _stack(self, distinct: list[LinearLora]) -> None:
+        r_max = max(lo.rank for lo in distinct)
+        self.dtype = distinct[0].At.dtype
+        for lo in distinct[1:]:
+            self.dtype = torch.promote_types(self.dtype, lo.At.dtype)
+        self.At = torch.stack([F.pad(lo.At.to(self.dtype), (0, r_max - lo.rank)) for lo in distinct])  # (K, in, r)
+        self.Bt = torch.stack(
+            [F.pad(lo.Bt.to(self.dtype) * lo.scaling, (0, 0, 0, r_max - lo.rank)) for lo in distinct]
+        )  # (K, r, out), scaling folded in
+        self._stacked = [id(lo) for lo in distinct]
+
+    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = base_layer(x, *args, **kwargs)  # (N, T, out)
+        k, m = self.index.shape
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.dtype)  # (N, T, in)
+        tokens = x3.shape[1]
+        grouped = x3.index_select(0, self.index.view(-1)).view(k, m * tokens, -1)  # (K, M*T, in)
+        delta = torch.bmm(torch.bmm(grouped, self.At), self.Bt).view(k * m, tokens, -1)  # (K*M, T, out)
+        if self.padded:
+            delta = delta.index_select(0, self.valid)  # (V, T, out)
+        if out.dtype == self.dtype and not out.requires_grad and out.is_contiguous():
+            out.view(out.shape[0], tokens, -1).index_add_(0, self.rows, delta)  # in place into the fresh output
+            return out
+        full = delta.new_zeros(out.shape[0], tokens, delta.shape[-1]).index_add_(0, self.rows, delta)
+        return (out + full.view(out.shape)).to(out.dtype)  # PEFT: added in the LoRA dtype, cast once
