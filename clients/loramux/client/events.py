@@ -45,6 +45,7 @@ class Completion:
     stop_token_id: int | None = None  # for "stop_token"
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with prompt_logprobs: one per prompt token after the first
     adapter_mix: tuple[MixMember, ...] = ()  # with adapter_mix: its members as used
+    replica: str = ""  # the replica that served it (x-loramux-replica), e.g. behind a load balancer
 
 
 GenerateEvent = TextChunk | Completion
