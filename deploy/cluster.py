@@ -337,8 +337,8 @@ def _run(cluster: Cluster) -> int:
         return 0
     for r in cluster.replicas:
         print(f"loramux replica {r.name} on {r.address} (pid {r.pid}, metrics {r.metrics_url})", flush=True)
-    n = len(cluster.replicas)
-    print(f"loramux cluster on {cluster.address} (HAProxy {cluster.version}, {n} replicas)", flush=True)
+    n, pid = len(cluster.replicas), cluster.haproxy.pid if cluster.haproxy else 0
+    print(f"loramux cluster on {cluster.address} (HAProxy {cluster.version}, pid {pid}; {n} replicas)", flush=True)
     stop = threading.Event()
     try:
         while cluster.haproxy is not None and cluster.haproxy.alive:

@@ -20,6 +20,9 @@ from loramux.deploy.cluster import Cluster, ClusterSpec
 from loramux.deploy.processes import HAPROXY_HINT, find_haproxy
 from loramux.v1 import generation_service_pb2 as gpb
 from loramux.v1 import generation_service_pb2_grpc as gpb_grpc
+from tests.service.harness import make_server
+
+__all__ = ["make_server"]  # an in-process server, for the health probe's byte-level tests
 
 DEMO = ("upper", "rot13", "reverse")
 NAMES = tuple(f"t{i:02d}" for i in range(24))
