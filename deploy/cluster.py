@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -33,19 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loramux.demo import ADAPTERS_DIR
 from loramux.deploy import haproxy_config as hc
-from loramux.deploy.processes import (
-    HAPROXY_HINT,
-    Child,
-    ProcessError,
-    check_config,
-    find_haproxy,
-    free_port,
-    haproxy_version,
-)
+from loramux.deploy.balancer import Balancer
+from loramux.deploy.processes import HAPROXY_HINT, Child, ProcessError, find_haproxy, free_port, haproxy_version
 
 EX_UNAVAILABLE = 69
 RESERVED_FLAGS = ("--port", "--host", "--replica-id", "--metrics-port")  # the cluster sets them per replica
-STATS_READ_S = 5.0
 
 
 class HaproxyMissingError(ProcessError):
@@ -147,44 +138,40 @@ class Cluster:
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
-        self.haproxy_binary = find_haproxy(spec.haproxy)
-        if self.haproxy_binary is None:
+        binary = find_haproxy(spec.haproxy)
+        if binary is None:
             raise HaproxyMissingError(spec.haproxy)
+        self.haproxy_binary = binary
+        self.version = haproxy_version(binary)
         self._work = tempfile.TemporaryDirectory(prefix="loramux-cluster-")
         self.work_dir = Path(self._work.name)
-        self.port = spec.port or free_port(spec.host)
-        self.address = f"{spec.host}:{self.port}"
         self.replicas = [Replica(spec, i) for i in range(spec.replicas)]
-        self.stats_socket = self.work_dir / "haproxy.sock"
-        self.config_path = self.work_dir / "haproxy.cfg"
-        self.haproxy: Child | None = None
-        self.version = haproxy_version(self.haproxy_binary)
+        self.balancer = self.balancer_for(self.replicas, port=spec.port, balance=spec.adapter_balance)
+        self.address = self.balancer.address
 
-    def config(self) -> hc.HaproxyConfig:
-        servers = hc.StaticServers(tuple((r.name, r.address) for r in self.replicas))
-        return hc.HaproxyConfig(
-            servers=servers,
-            bind=self.address,
-            adapter_balance=self.spec.adapter_balance,
-            hash_balance_factor=self.spec.hash_balance_factor,
-            timing=self.spec.timing,
-            stats_socket=str(self.stats_socket),
+    def balancer_for(
+        self, replicas: Sequence[Replica], *, port: int = 0, balance: hc.Balance = "hash", name: str = "haproxy"
+    ) -> Balancer:
+        """An HAProxy (not started) in front of ``replicas``, on ``port`` (0: a free one)."""
+        spec = self.spec
+        config = hc.HaproxyConfig(
+            servers=hc.StaticServers(tuple((r.name, r.address) for r in replicas)),
+            bind=f"{spec.host}:{port or free_port(spec.host)}",
+            adapter_balance=balance,
+            hash_balance_factor=spec.hash_balance_factor,
+            timing=spec.timing,
         )
+        return Balancer(self.haproxy_binary, config, work_dir=self.work_dir, name=name, log_dir=spec.log_dir)
 
     def start(self) -> None:
         """Replicas and HAProxy at once (HAProxy marks replicas UP as they become SERVING); bounded waits."""
-        assert self.haproxy_binary is not None
-        self.config_path.write_text(hc.render(self.config()))
-        check_config(self.haproxy_binary, self.config_path)
+        self.balancer.start()  # first: it checks its configuration before any replica loads a model
         for replica in self.replicas:
             replica.start()
-        log = open(self.spec.log_dir / "haproxy.log", "a") if self.spec.log_dir else None
-        self.haproxy = Child("haproxy", [self.haproxy_binary, "-db", "-f", str(self.config_path)], log=log)
         deadline = time.monotonic() + self.spec.ready_timeout_s
         for replica in self.replicas:
             replica.wait_ready(max(deadline - time.monotonic(), 0.1))
-        names = [r.name for r in self.replicas]
-        self.wait_states(lambda s: all(s.get(n) == "UP" for n in names), timeout=deadline - time.monotonic())
+        self.balancer.wait_up([r.name for r in self.replicas], timeout=max(deadline - time.monotonic(), 0.1))
 
     def restart(self, index: int) -> Replica:
         """Start replica ``index`` again (same port and id) after it stopped; returns once HAProxy has it UP."""
@@ -193,41 +180,14 @@ class Cluster:
             raise ProcessError(f"{replica.name} is still running")
         replica.start()
         replica.wait_ready(self.spec.ready_timeout_s)
-        self.wait_states(lambda s: s.get(replica.name) == "UP", timeout=self.spec.ready_timeout_s)
+        self.balancer.wait_up([replica.name], timeout=self.spec.ready_timeout_s)
         return replica
 
     def server_states(self) -> dict[str, str]:
-        """Each replica's state in HAProxy ("UP", "DOWN", ...): the worst over the two backends."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(STATS_READ_S)
-            s.connect(str(self.stats_socket))
-            s.sendall(b"show stat\n")
-            raw = b"".join(iter(lambda: s.recv(65536), b""))
-        states: dict[str, str] = {}
-        for row in raw.decode().splitlines()[1:]:
-            cols = row.split(",")
-            if len(cols) > 17 and cols[1] not in ("FRONTEND", "BACKEND"):
-                state = cols[17].split(" ")[0]  # "UP", "DOWN", "UP 1/2" (going down), "MAINT", ...
-                states[cols[1]] = state if states.get(cols[1], "UP") == "UP" else states[cols[1]]
-        return states
+        return self.balancer.server_states()
 
     def wait_states(self, done: Callable[[dict[str, str]], bool], *, timeout: float) -> dict[str, str]:
-        """Poll HAProxy's server states until ``done(states)``; ProcessError after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        tick = threading.Event()
-        states: dict[str, str] = {}
-        while True:
-            if self.haproxy is not None and not self.haproxy.alive:
-                raise ProcessError(f"haproxy exited with status {self.haproxy.proc.returncode}")
-            try:
-                states = self.server_states()
-            except OSError:  # the socket is not there yet: HAProxy is still starting
-                states = {}
-            if done(states):
-                return states
-            if time.monotonic() > deadline:
-                raise ProcessError(f"HAProxy's servers did not reach the state wanted within {timeout:.0f} s: {states}")
-            tick.wait(0.05)
+        return self.balancer.wait_states(done, timeout=timeout)
 
     def stop(self) -> None:
         """Replicas first (they drain while HAProxy still routes their running streams), then HAProxy."""
@@ -238,9 +198,10 @@ class Cluster:
             for replica in self.replicas:
                 replica.stop()
         finally:
-            if self.haproxy is not None:
-                self.haproxy.stop(timeout=10)
-            self._work.cleanup()
+            try:
+                self.balancer.stop()
+            finally:
+                self._work.cleanup()
 
     def __enter__(self) -> Cluster:
         try:
@@ -337,11 +298,11 @@ def _run(cluster: Cluster) -> int:
         return 0
     for r in cluster.replicas:
         print(f"loramux replica {r.name} on {r.address} (pid {r.pid}, metrics {r.metrics_url})", flush=True)
-    n, pid = len(cluster.replicas), cluster.haproxy.pid if cluster.haproxy else 0
+    n, pid = len(cluster.replicas), cluster.balancer.pid
     print(f"loramux cluster on {cluster.address} (HAProxy {cluster.version}, pid {pid}; {n} replicas)", flush=True)
     stop = threading.Event()
     try:
-        while cluster.haproxy is not None and cluster.haproxy.alive:
+        while cluster.balancer.alive:
             stop.wait(1.0)  # wakes up to notice a dead HAProxy; signals interrupt it
     except KeyboardInterrupt:
         return 0
