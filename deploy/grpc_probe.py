@@ -85,7 +85,7 @@ def check_request(service: str, *, authority: str = "loramux") -> bytes:
 
 def response_frame(status: int) -> bytes:
     """The DATA frame a gRPC server answers a Check with, for ``status``."""
-    message = health_pb2.HealthCheckResponse(status=status).SerializeToString()  # type: ignore[arg-type]
+    message = health_pb2.HealthCheckResponse(status=status).SerializeToString()
     return frame(_DATA, 0, STREAM, grpc_message(message))
 
 

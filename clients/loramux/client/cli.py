@@ -238,8 +238,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         token = os.environ.get("LORAMUX_TOKEN") or None
     credentials = None
     if args.tls_ca_file:
-        with open(args.tls_ca_file, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with open(args.tls_ca_file, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
 
     def command(target: str, out: TextIO, err: TextIO) -> int:
         with LoramuxClient(target, timeout=args.timeout, token=token, credentials=credentials) as client:
