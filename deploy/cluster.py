@@ -150,15 +150,22 @@ class Cluster:
         self.address = self.balancer.address
 
     def balancer_for(
-        self, replicas: Sequence[Replica], *, port: int = 0, balance: hc.Balance = "hash", name: str = "haproxy"
+        self,
+        replicas: Sequence[Replica],
+        *,
+        port: int = 0,
+        balance: hc.Balance = "hash",
+        hash_balance_factor: int | None = None,
+        name: str = "haproxy",
     ) -> Balancer:
-        """An HAProxy (not started) in front of ``replicas``, on ``port`` (0: a free one)."""
+        """An HAProxy (not started) in front of ``replicas``, on ``port`` (0: a free one); the spec's bounded-load
+        factor unless ``hash_balance_factor`` is given."""
         spec = self.spec
         config = hc.HaproxyConfig(
             servers=hc.StaticServers(tuple((r.name, r.address) for r in replicas)),
             bind=f"{spec.host}:{port or free_port(spec.host)}",
             adapter_balance=balance,
-            hash_balance_factor=spec.hash_balance_factor,
+            hash_balance_factor=hash_balance_factor or spec.hash_balance_factor,
             timing=spec.timing,
         )
         return Balancer(self.haproxy_binary, config, work_dir=self.work_dir, name=name, log_dir=spec.log_dir)
