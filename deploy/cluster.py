@@ -280,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         haproxy=args.haproxy,
         log_dir=args.log_dir,
     )
+    drain = _drain_delay(spec.server_flags, spec.timing)
+    if drain < spec.timing.detection_s:
+        print(
+            f"loramux cluster: warning: --drain-delay {drain:g} is shorter than the {spec.timing.detection_s:g} s "
+            "HAProxy takes to see a replica drain: calls sent to it meanwhile may fail",
+            file=sys.stderr,
+        )
     try:
         cluster = Cluster(spec)
     except HaproxyMissingError as exc:
