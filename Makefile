@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix proto proto-lint proto-check run clean
+.PHONY: bench-cluster
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -50,15 +51,15 @@ node-deps:
 # mypy names a module after its path, and the folders are not named like the packages (core/ is loramux.core):
 # it checks build/lint/loramux, a tree of links onto the folders under their import names.
 LINT_TREE := build/lint/loramux
-LINT_LINKS := core:core service:service demo:demo client:clients/loramux/client v1:clients/loramux/v1
+LINT_LINKS := core:core service:service demo:demo deploy:deploy client:clients/loramux/client v1:clients/loramux/v1
 lint: $(STAMP)
-	$(PY) -m ruff check core service clients/loramux/client demo tests bench
-	$(PY) -m ruff format --check core service clients/loramux/client demo tests bench
+	$(PY) -m ruff check core service clients/loramux/client demo deploy tests bench
+	$(PY) -m ruff format --check core service clients/loramux/client demo deploy tests bench
 	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)
 	for link in $(LINT_LINKS); do ln -s $(CURDIR)/$${link#*:} $(LINT_TREE)/$${link%%:*}; done
 	cd build/lint && ../../$(PY) -m mypy --config-file ../../pyproject.toml loramux
 
-bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix
+bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix bench-cluster
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
@@ -73,6 +74,11 @@ bench-scale: $(STAMP)
 # A 1,024-token system prompt per adapter, shared by every request: the prefix cache on vs off.
 bench-prefix: $(STAMP)
 	$(PY) -m bench.prefix
+
+# Three replicas behind HAProxy (the system's haproxy), 300 adapters (1.5 GB, built once under
+# build/bench-cluster/), a budget of 16 resident each: adapter hashing vs round-robin, and the HAProxy hop.
+bench-cluster: $(STAMP)
+	$(PY) -m bench.cluster
 
 bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager

@@ -96,3 +96,12 @@ def bpe_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     from loramux.demo.tokenizer import train_tokenizer
 
     return train_tokenizer(stdlib_text(), vocab_size=vocab_size)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it ("?" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"

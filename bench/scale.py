@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.common import PROJECTIONS, bpe_tokenizer, llama_512, make_adapters
+from bench.common import PROJECTIONS, bpe_tokenizer, cpu_model, llama_512, make_adapters
 from loramux.core import AdapterManager, Engine, EngineConfig, GenerationRequest, TokenDelta
 from loramux.core.adapters.on_demand import OnDemand
 
@@ -45,8 +45,9 @@ WARM_ADAPTERS = 32  # outside the sequence's 1,000: the untimed warm-up batch
 WORKDIR = Path("build/bench-scale")
 
 
-def farm(workdir: Path) -> Path:
-    """workdir/adapters/a0000 ... a1031: 1,000 for the sequence and 32 for the warm-up (built once)."""
+def farm(workdir: Path, count: int = N_ADAPTERS + WARM_ADAPTERS) -> Path:
+    """workdir/adapters/a0000 ...: ``count`` adapters, one made by PEFT and the others clones with their own
+    random weights, and workdir/tokenizer (built once). Here 1,000 for the sequence and 32 for the warm-up."""
     root = workdir / "adapters"
     done = root / ".complete"
     if done.is_file():
@@ -58,7 +59,7 @@ def farm(workdir: Path) -> Path:
     assert sorted(json.loads(config)["target_modules"]) == sorted(PROJECTIONS)
     state = load_file(str(template / "adapter_model.safetensors"))
     generator = torch.Generator().manual_seed(11)
-    for i in range(N_ADAPTERS + WARM_ADAPTERS):
+    for i in range(count):
         folder = root / f"a{i:04d}"
         folder.mkdir(exist_ok=True)
         (folder / "adapter_config.json").write_text(config)
@@ -68,13 +69,19 @@ def farm(workdir: Path) -> Path:
     return root
 
 
+def zipf(names: list[str], count: int, *, seed: int = 7) -> list[str]:
+    """``count`` draws of Zipf(1.0) over ``names`` (rank k drawn with probability ~ 1/k; which name gets which
+    rank is a seeded shuffle: which adapter is hot is arbitrary)."""
+    rng = random.Random(seed)
+    ranked = list(names)
+    rng.shuffle(ranked)
+    weights = [1 / (k + 1) for k in range(len(ranked))]
+    return rng.choices(ranked, weights=weights, k=count)
+
+
 def sequence() -> list[str]:
-    """The 512 requests' adapters: Zipf(1.0) over the 1,000 (rank k drawn with probability ~ 1/k)."""
-    rng = random.Random(7)
-    ranked = [f"a{i:04d}" for i in range(N_ADAPTERS)]
-    rng.shuffle(ranked)  # which adapter is hot is arbitrary
-    weights = [1 / (k + 1) for k in range(N_ADAPTERS)]
-    return rng.choices(ranked, weights=weights, k=REQUESTS)
+    """The 512 requests' adapters: Zipf(1.0) over the 1,000."""
+    return zipf([f"a{i:04d}" for i in range(N_ADAPTERS)], REQUESTS)
 
 
 def prompts(count: int, seed: int) -> list[list[int]]:
@@ -178,8 +185,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args.root)))
         return
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"== bench.scale on {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"== bench.scale on {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}")
     root = farm(WORKDIR)
     names = sequence()
     print(

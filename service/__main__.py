@@ -31,6 +31,7 @@ from loramux.service.config import (
     demo_adapters,
 )
 from loramux.service.logs import LOG_FORMATS, configure_logging
+from loramux.service.routing import valid_replica_id
 from loramux.service.server import serve
 from loramux.service.sizes import format_size, parse_size
 
@@ -86,6 +87,12 @@ def _adapter(text: str) -> AdapterPreload:
     except InvalidArgumentError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return AdapterPreload(name=name, source=source)
+
+
+def _replica_id(text: str) -> str:
+    if not valid_replica_id(text):
+        raise argparse.ArgumentTypeError(f"1-128 letters, digits or any of _.:-[]/ (got {text!r})")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +166,7 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         type=_size,
         metavar="SIZE",
         help=f"bytes the batch's KV cache may hold, e.g. 8GiB; requests wait for room (default: "
-        f"{KV_MEMORY_FRACTION:.0%} of the memory available when the engine starts)",
+        f"{KV_MEMORY_FRACTION * 100:.0f}%% of the memory available when the engine starts)",
     )
     g.add_argument(
         "--prefix-cache-memory",
@@ -225,6 +232,13 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
         type=int,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: a free port, printed)",
+    )
+    g.add_argument(
+        "--replica-id",
+        type=_replica_id,
+        metavar="ID",
+        help="names this replica in every response's x-loramux-replica metadata (default: HOST:PORT as bound; "
+        "the machine's name for a wildcard --host)",
     )
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     g.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text lines or one JSON object per line")
@@ -302,6 +316,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         auth_tokens=auth_tokens,
         adapter_roots=_adapter_roots(args.adapter_root),
         allow_hub_adapters=args.allow_hub_adapters,
+        replica_id=args.replica_id,
     )
 
 

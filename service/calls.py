@@ -1,7 +1,8 @@
 """What one RPC did: its request id, adapter, tokens and timings, for its access-log line, metrics and errors.
 
 The request id comes from the request's own ``request_id`` field, else the ``x-request-id`` metadata, else a
-new UUID; it is echoed in the response's initial metadata. A valid W3C ``traceparent`` is kept for the log.
+new UUID; it is echoed in the response's initial metadata (and an error's trailer), beside ``x-loramux-replica``,
+the replica that served the call (service/routing.py). A valid W3C ``traceparent`` is kept for the log.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from loramux.core import EventChannel, Finished, GenerationEvent, TokenDelta
+from loramux.service.routing import REPLICA_KEY
 
 log = logging.getLogger("loramux.service")
 access_log = logging.getLogger("loramux.access")
@@ -52,6 +54,7 @@ class CallLog:
     first_token_s: float | None = None  # Generate: seconds from the start to the first token
     token_gaps: list[float] = field(default_factory=list, repr=False)  # Generate: seconds between tokens
     observer: RequestObserver | None = field(default=None, repr=False)
+    replica: str = ""  # echoed as x-loramux-replica ("": not sent)
     _last_token: float | None = field(default=None, repr=False)
 
     @classmethod
@@ -62,6 +65,7 @@ class CallLog:
         context: grpc.aio.ServicerContext,
         *,
         observer: RequestObserver | None = None,
+        replica: str = "",
     ) -> CallLog:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         own = getattr(request, "request_id", "")
@@ -81,6 +85,7 @@ class CallLog:
             source=getattr(request, "source", None) or None,
             traceparent=traceparent if _TRACEPARENT.fullmatch(traceparent) else None,  # invalid: ignored
             observer=observer,
+            replica=replica,
         )
 
     def log_fields(self, status: str) -> dict[str, str | int | float]:
@@ -100,7 +105,9 @@ class CallLog:
         return fields
 
     def echo(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_KEY, self.request_id),)
+        """The metadata every response carries: the request id in effect, and the replica."""
+        replica = ((REPLICA_KEY, self.replica),) if self.replica else ()
+        return ((REQUEST_ID_KEY, self.request_id), *replica)
 
     @property
     def elapsed(self) -> float:

@@ -96,6 +96,7 @@ class ServiceConfig:
     auth_tokens: BearerTokens | None = None  # None: no authorization (service/auth.py)
     adapter_roots: tuple[str, ...] | None = None  # LoadAdapter: local folders only inside these; None: any
     allow_hub_adapters: bool = True  # LoadAdapter and load on demand: Hub repos allowed
+    replica_id: str | None = None  # x-loramux-replica on every response; None: the address bound (server.py)
 
     def limits(self) -> dict[str, int]:
         """The configured limits by their API name (ErrorInfo metadata ``limit`` / ``limitValue``)."""

@@ -24,3 +24,10 @@ class PermissionDeniedError(LoramuxError):
     """A valid token whose role does not allow the method."""
 
     reason = "PERMISSION_DENIED"
+
+
+class AdapterMetadataMismatchError(LoramuxError):
+    """The ``x-loramux-adapter`` metadata (what a load balancer routes on) names another adapter than the
+    request's body: the call would have been routed for one adapter and served with another."""
+
+    reason = "ADAPTER_METADATA_MISMATCH"

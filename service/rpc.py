@@ -46,7 +46,8 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, call: Call
 
 class Servicer(Protocol):
     """What the wrappers need from a servicer: the limits quoted in RESOURCE_EXHAUSTED details, who is told
-    of each finished RPC (None: nobody), and the bearer tokens every call must present (None: no auth)."""
+    of each finished RPC (None: nobody), the bearer tokens every call must present (None: no auth), and the
+    replica id every response names ("": none)."""
 
     @property
     def limits(self) -> Mapping[str, int]: ...
@@ -56,6 +57,9 @@ class Servicer(Protocol):
 
     @property
     def tokens(self) -> BearerTokens | None: ...
+
+    @property
+    def replica(self) -> str: ...
 
 
 def _authorize(servicer: Servicer, method: str, context: grpc.aio.ServicerContext) -> None:
@@ -76,7 +80,7 @@ def unary(
 
     @functools.wraps(method)
     async def handler(self: S, request: Req, context: Context) -> Resp:
-        call = CallLog.begin(method.__name__, request, context, observer=self.observer)
+        call = CallLog.begin(method.__name__, request, context, observer=self.observer, replica=self.replica)
         try:
             _authorize(self, method.__name__, context)
             response = await method(self, request, context, call)
@@ -102,7 +106,7 @@ def streaming(
 
     @functools.wraps(method)
     async def handler(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
-        call = CallLog.begin(method.__name__, request, context, observer=self.observer)
+        call = CallLog.begin(method.__name__, request, context, observer=self.observer, replica=self.replica)
         status = None  # None at the end: the generator was closed (the client went away): cancelled or deadline
         try:
             _authorize(self, method.__name__, context)

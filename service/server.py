@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -93,18 +94,28 @@ def create_server(config: ServiceConfig, *, engine: Engine | None = None) -> tup
     runtime = Runtime(config, engine=engine)
     metrics = Metrics(max_adapters=config.max_adapters) if config.metrics_port is not None else None
     server = grpc.aio.server(options=config.network.grpc_options())
-    adapters = AdapterServicer(runtime, observer=metrics, tokens=config.auth_tokens)
-    generation = GenerationServicer(runtime, observer=metrics, tokens=config.auth_tokens)
-    adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, server)
-    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
-    wrapper = LoramuxServer(config, runtime, server, metrics=metrics)
-    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     net = config.network
     address = f"{_host(net.host)}:{net.port}"
     port = (
         server.add_secure_port(address, net.tls.server_credentials()) if net.tls else server.add_insecure_port(address)
     )
+    # The servicers come after the bind: the default replica id is the address actually bound (--port 0).
+    replica = config.replica_id or default_replica_id(net.host, port)
+    log.info("replica id %s (x-loramux-replica)", replica)
+    adapters = AdapterServicer(runtime, observer=metrics, tokens=config.auth_tokens, replica=replica)
+    generation = GenerationServicer(runtime, observer=metrics, tokens=config.auth_tokens, replica=replica)
+    adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, server)
+    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
+    wrapper = LoramuxServer(config, runtime, server, metrics=metrics)
+    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return wrapper, port
+
+
+def default_replica_id(host: str, port: int) -> str:
+    """host:port as bound; a wildcard host (every interface) names nothing, so the machine's name stands in."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{_host(host)}:{port}"
 
 
 def _host(host: str) -> str:

@@ -1,7 +1,7 @@
 """The two loramux.v1 services: each RPC converts the request, calls the runtime, converts the result.
 
-Request ids, authorization (service/auth.py), error statuses, access logs and request metrics come from the
-``rpc.unary`` / ``rpc.streaming`` wrappers.
+Request ids, the replica id, authorization (service/auth.py), error statuses, access logs and request metrics
+come from the ``rpc.unary`` / ``rpc.streaming`` wrappers; Generate checks its routing metadata (service/routing.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TypeAlias
 
 import grpc
 
-from loramux.service import convert, rpc
+from loramux.service import convert, routing, rpc
 from loramux.service.auth import BearerTokens
 from loramux.service.calls import CallLog, RequestObserver
 from loramux.service.runtime import Runtime
@@ -27,12 +27,18 @@ class _Servicer:
     """The runtime both services call, and what the rpc.unary/streaming wrappers read (rpc.Servicer)."""
 
     def __init__(
-        self, runtime: Runtime, *, observer: RequestObserver | None = None, tokens: BearerTokens | None = None
+        self,
+        runtime: Runtime,
+        *,
+        observer: RequestObserver | None = None,
+        tokens: BearerTokens | None = None,
+        replica: str = "",
     ) -> None:
         self._runtime = runtime
         self.limits = runtime.limits
         self.observer = observer
         self.tokens = tokens
+        self.replica = replica
 
 
 class AdapterServicer(_Servicer, apb_grpc.AdapterServiceServicer):
@@ -78,10 +84,14 @@ class GenerationServicer(_Servicer, gpb_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: gpb.GenerateRequest, context: Context, call: CallLog
     ) -> AsyncIterator[gpb.GenerateResponse]:
-        channel = await self._runtime.submit(convert.generation_request(request, request_id=call.request_id))
+        generation = convert.generation_request(request, request_id=call.request_id)
+        headers = routing.adapter_headers(context.invocation_metadata())
+        routing.check_body(headers, request)
+        channel = await self._runtime.submit(generation)
         context.add_done_callback(lambda _: channel.cancel())  # client cancel, deadline, server stop
         call.admitted(channel)
         try:
+            routing.check_default(headers, request, channel.adapter)
             await context.send_initial_metadata(call.echo())
             async for event in channel:
                 call.record(event)

@@ -34,7 +34,12 @@ from loramux.core.errors import (
 )
 from loramux.service.calls import CallLog
 from loramux.service.config import ERROR_DOMAIN
-from loramux.service.errors import ModelLoadingError, PermissionDeniedError, UnauthenticatedError
+from loramux.service.errors import (
+    AdapterMetadataMismatchError,
+    ModelLoadingError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 
 RETRY_DELAY_S = 1
 
@@ -45,6 +50,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterSourceNotFoundError, Code.NOT_FOUND),
     (AdapterAlreadyExistsError, Code.ALREADY_EXISTS),
     (InvalidArgumentError, Code.INVALID_ARGUMENT),
+    (AdapterMetadataMismatchError, Code.INVALID_ARGUMENT),
     (UnsupportedAdapterError, Code.FAILED_PRECONDITION),
     (IncompatibleAdapterError, Code.FAILED_PRECONDITION),
     (CorruptAdapterError, Code.FAILED_PRECONDITION),

@@ -19,6 +19,7 @@ PACKAGES = {
     "loramux.service": ROOT / "service",
     "loramux.demo": ROOT / "demo",
     "loramux.client": ROOT / "clients" / "loramux" / "client",
+    "loramux.deploy": ROOT / "deploy",
 }
 # Which core subpackage may import which (errors: everyone). engine -> adapters -> lora; engine -> model.
 CORE_LAYERS = {
@@ -29,11 +30,11 @@ CORE_LAYERS = {
     "engine": {"errors", "lora", "model", "adapters"},
 }
 MAX_LINES = 400
-OLD_TOP_LEVEL = ("core", "service", "clients", "demo")
+OLD_TOP_LEVEL = ("core", "service", "clients", "demo", "deploy")
 
 
 def modules() -> dict[str, Path]:
-    """Every module of the four packages by its import name."""
+    """Every module of the five packages by its import name."""
     found = {}
     for package, folder in PACKAGES.items():
         for path in sorted(folder.rglob("*.py")):
@@ -76,7 +77,7 @@ def imports_of(name: str, path: Path) -> set[str]:
 def test_every_import_is_in_the_loramux_namespace() -> None:
     """Nothing imports the folders under their own names: installed, only `loramux` exists."""
     offenders = []
-    for folder in ("core", "service", "clients", "demo", "tests", "bench"):
+    for folder in ("core", "service", "clients", "demo", "deploy", "tests", "bench"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if "node_modules" in path.parts or "v1" in path.parts:
                 continue
@@ -97,7 +98,7 @@ def test_core_imports_no_grpc_service_or_client() -> None:
         if name.startswith("loramux.core")
         for imported in imports_of(name, path)
         if imported.split(".")[0] in ("grpc", "grpc_status", "google")
-        or imported.startswith(("loramux.service", "loramux.client", "loramux.v1", "loramux.demo"))
+        or imported.startswith(("loramux.service", "loramux.client", "loramux.v1", "loramux.demo", "loramux.deploy"))
     }
     assert not bad
 
@@ -109,7 +110,20 @@ def test_the_client_imports_nothing_of_the_server() -> None:
         if name.startswith("loramux.client")
         for imported in imports_of(name, path)
         if imported.split(".")[0] in ("torch", "transformers", "safetensors", "peft")
-        or imported.startswith(("loramux.core", "loramux.service", "loramux.demo"))
+        or imported.startswith(("loramux.core", "loramux.service", "loramux.demo", "loramux.deploy"))
+    }
+    assert not bad
+
+
+def test_nothing_imports_deploy() -> None:
+    """loramux.deploy sits on top (it runs servers and balancers; it may import service, client, core, demo):
+    no other package imports it. Tests and benchmarks may."""
+    bad = {
+        f"{name}: {imported}"
+        for name, path in modules().items()
+        if not name.startswith("loramux.deploy")
+        for imported in imports_of(name, path)
+        if imported.startswith("loramux.deploy")
     }
     assert not bad
 
@@ -174,7 +188,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
 
 
-@pytest.mark.parametrize("folder", ["core", "service", "clients/loramux/client"])
+@pytest.mark.parametrize("folder", ["core", "service", "clients/loramux/client", "deploy"])
 def test_no_file_is_over_the_line_budget(folder: str) -> None:
     long = {
         str(p.relative_to(ROOT)): n

@@ -53,8 +53,10 @@ class Row:
     # -- its adapter ----------------------------------------------------------------------------------
 
     def readiness(self, manager: AdapterManager) -> Readiness:
-        """The scheduler's view while it waits: its adapter settled (READY), loading (WAIT), or DROP."""
-        if self.channel.cancelled.is_set() or self.error is not None:  # asked again after its load failed
+        """The scheduler's view while it waits: its adapter settled (READY), loading (WAIT), or DROP. Asked
+        again and again (every step, and twice in one); once its load failed it stays DROP: the failed settle
+        spent its claim, and settling a spent claim again would give no adapter, which reads as the base model."""
+        if self.channel.cancelled.is_set() or self.error is not None:
             return Readiness.DROP
         for claim in self.claims:
             if claim.adapter is not None and manager.requeue_if_draining(claim):

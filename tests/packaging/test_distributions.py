@@ -45,7 +45,10 @@ def _clean_env() -> dict[str, str]:
 
 # What each distribution is built from, copied first: setuptools keeps build/ between builds in the source tree,
 # where a module deleted since the last build would still end up in the wheel.
-SOURCES = {"clients": ["pyproject.toml", "loramux"], ".": ["pyproject.toml", "README.md", "core", "service", "demo"]}
+SOURCES = {
+    "clients": ["pyproject.toml", "loramux"],
+    ".": ["pyproject.toml", "README.md", "core", "service", "demo", "deploy"],
+}
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
 
 

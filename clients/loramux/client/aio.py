@@ -81,13 +81,16 @@ class AsyncLoramuxClient:
     ) -> AsyncIterator[GenerateEvent]:
         """TextChunk events, then one Completion (``async for``). Leaving the loop early cancels the generation."""
         request = wire.generate_request(prompt, options)
-        metadata = wire.call_metadata(self._auth, request.request_id)
+        metadata = (*wire.call_metadata(self._auth, request.request_id), *wire.routing_metadata(request))
         call = self._generation.Generate(request, timeout=self._timeout(timeout), metadata=metadata)
         try:
             async for response in call:
-                finished = response.HasField("finished")
-                request_id = wire.echoed_request_id(await call.initial_metadata()) if finished else ""
-                yield wire.generate_event(response, request_id)
+                if response.HasField("finished"):
+                    initial = await call.initial_metadata()
+                    event = wire.generate_event(response, wire.echoed_request_id(initial), wire.echoed_replica(initial))
+                else:
+                    event = wire.generate_event(response, "")
+                yield event
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None
         finally:

@@ -13,6 +13,14 @@
 
 The server address comes from --target, else $LORAMUX_TARGET, else 127.0.0.1:50051. Exit status: 0 on success,
 1 when the server returned an error (printed on stderr as CODE REASON: message), 2 for bad command lines.
+
+Several replicas (adapter changes are per replica; see loramux.client.targets):
+
+    loramux --target 10.0.0.5:50051,10.0.0.6:50051 adapters load poet /srv/adapters/poet
+    loramux --target dns:///loramux-replicas.default.svc.cluster.local:50051 adapters set poet
+
+``adapters ...`` and ``health`` then run on every replica, each one's output under a ``== TARGET`` header and a
+summary on stderr; the exit status is 1 if any replica failed. ``generate`` and ``tokenize`` take one target.
 """
 
 from __future__ import annotations
@@ -26,11 +34,19 @@ from typing import TextIO
 import grpc
 
 from loramux.client import DEFAULT_TARGET, Completion, LoramuxClient, LoramuxRpcError, TextChunk
+from loramux.client import targets as fleet
+
+FAN_OUT_COMMANDS = ("adapters", "health")  # the commands that may run on every replica
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loramux", description="loramux command-line client")
-    p.add_argument("--target", help=f"server address (default $LORAMUX_TARGET or {DEFAULT_TARGET})")
+    p.add_argument(
+        "--target",
+        action="append",
+        help=f"server address (default $LORAMUX_TARGET or {DEFAULT_TARGET}); repeatable, comma lists and "
+        "dns:///HOST:PORT (every address HOST resolves to) run adapters/health commands on every replica",
+    )
     p.add_argument("--timeout", type=float, help="deadline of each call in seconds (default: none)")
     p.add_argument("--tls-ca-file", help="connect with TLS, trusting this CA's PEM (default: plaintext)")
     p.add_argument(
@@ -169,10 +185,11 @@ def _usage_line(done: Completion) -> str:
     mix = ",".join(f"{m.name}={m.weight:g}" for m in done.adapter_mix)
     adapter = f"mix {mix}" if mix else done.adapter or "(base)"
     seed = f", seed {done.seed}" if done.seed is not None else ""
+    replica = f"; replica {done.replica}" if done.replica else ""
     return (
         f"[{done.finish_reason}; adapter {adapter} v{done.adapter_version}; prompt {done.prompt_tokens} tokens"
         f"{f' ({done.cached_prompt_tokens} cached)' if done.cached_prompt_tokens else ''}, "
-        f"completion {done.completion_tokens} tokens{seed}; request {done.request_id}]"
+        f"completion {done.completion_tokens} tokens{seed}; request {done.request_id}{replica}]"
     )
 
 
@@ -210,7 +227,11 @@ def run_adapters(client: LoramuxClient, args: argparse.Namespace, out: TextIO) -
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     args = build_parser().parse_args(argv)
-    target = args.target or os.environ.get("LORAMUX_TARGET") or DEFAULT_TARGET
+    try:
+        targets = fleet.expand(args.target or [os.environ.get("LORAMUX_TARGET") or DEFAULT_TARGET])
+    except fleet.TargetError as exc:
+        err.write(f"loramux: {exc}\n")
+        return 2
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             token = f.read().strip() or None
@@ -218,29 +239,43 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         token = os.environ.get("LORAMUX_TOKEN") or None
     credentials = None
     if args.tls_ca_file:
-        with open(args.tls_ca_file, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
-    with LoramuxClient(target, timeout=args.timeout, token=token, credentials=credentials) as client:
-        try:
-            if args.command == "generate":
-                run_generate(client, args, out, err)
-            elif args.command == "tokenize":
-                prompt, messages = _prompt_of(args)
-                ids = client.tokenize(prompt, messages=messages, apply_chat_template=args.chat)
-                out.write(f"{len(ids)} tokens: {' '.join(map(str, ids))}\n")
-            elif args.command == "adapters":
-                run_adapters(client, args, out)
-            else:
-                out.write(client.health(args.service) + "\n")
-        except LoramuxRpcError as exc:
-            out.flush()
-            err.write(f"error: {exc}\n")
-            for field, description in exc.field_violations:
-                err.write(f"  {field}: {description}\n")
-            for _, subject, description in exc.precondition_violations:
-                err.write(f"  {subject}: {description}\n")
-            return 1
-        except KeyboardInterrupt:  # Ctrl-C mid-stream: the call is cancelled on the way out
-            err.write("\ninterrupted\n")
-            return 130
+        with open(args.tls_ca_file, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+
+    def command(target: str, out: TextIO, err: TextIO) -> int:
+        with LoramuxClient(target, timeout=args.timeout, token=token, credentials=credentials) as client:
+            return run_command(client, args, out, err)
+
+    if len(targets) == 1:
+        return command(targets[0], out, err)
+    if args.command not in FAN_OUT_COMMANDS:
+        err.write(f"loramux: {args.command} goes to one server (a load balancer's address lets it choose)\n")
+        return 2
+    return fleet.report(fleet.fan_out(targets, command), out, err)
+
+
+def run_command(client: LoramuxClient, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """One command against one server: its exit status."""
+    try:
+        if args.command == "generate":
+            run_generate(client, args, out, err)
+        elif args.command == "tokenize":
+            prompt, messages = _prompt_of(args)
+            ids = client.tokenize(prompt, messages=messages, apply_chat_template=args.chat)
+            out.write(f"{len(ids)} tokens: {' '.join(map(str, ids))}\n")
+        elif args.command == "adapters":
+            run_adapters(client, args, out)
+        else:
+            out.write(client.health(args.service) + "\n")
+    except LoramuxRpcError as exc:
+        out.flush()
+        err.write(f"error: {exc}\n")
+        for field, description in exc.field_violations:
+            err.write(f"  {field}: {description}\n")
+        for _, subject, description in exc.precondition_violations:
+            err.write(f"  {subject}: {description}\n")
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C mid-stream: the call is cancelled on the way out
+        err.write("\ninterrupted\n")
+        return 130
     return 0

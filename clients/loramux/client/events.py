@@ -46,6 +46,7 @@ class Completion:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with prompt_logprobs: one per prompt token after the first
     adapter_mix: tuple[MixMember, ...] = ()  # with adapter_mix: its members as used
     cached_prompt_tokens: int = 0  # of prompt_tokens, those the server's prefix cache held (not prefilled)
+    replica: str = ""  # the replica that served it (x-loramux-replica), e.g. behind a load balancer
 
 
 GenerateEvent = TextChunk | Completion

@@ -16,6 +16,10 @@ from loramux.v1 import generation_service_pb2 as gpb
 MiB = 1 << 20
 DEFAULT_TARGET = "127.0.0.1:50051"
 REQUEST_ID_KEY = "x-request-id"
+# The routing key an adapter-hashing load balancer reads (the server checks it agrees with the body), and the
+# replica that served a call, from the response's initial metadata.
+ADAPTER_KEY = "x-loramux-adapter"
+REPLICA_KEY = "x-loramux-replica"
 
 Metadata = tuple[tuple[str, str], ...]
 # A conversation: (role, content) pairs or {"role": ..., "content": ...} mappings, in order.
@@ -81,6 +85,14 @@ def call_metadata(auth: Metadata, request_id: str = "") -> Metadata:
     return auth if request_id else (*auth, (REQUEST_ID_KEY, str(uuid.uuid4())))
 
 
+def routing_metadata(request: gpb.GenerateRequest) -> Metadata:
+    """x-loramux-adapter for a Generate: the adapter it names, or its mix's first member. None for the bare base
+    model and for the server's default (the caller does not know which replica's default): a balancer sends
+    calls without it to its base-model backend."""
+    name = request.adapter_mix[0].name if request.adapter_mix else request.adapter
+    return ((ADAPTER_KEY, name),) if name else ()
+
+
 def generate_request(prompt: str | Sequence[int] | None, options: GenerateOptions) -> gpb.GenerateRequest:
     sampling = gpb.SamplingParams(
         temperature=options.get("temperature"),
@@ -141,7 +153,7 @@ def _logprobs(entries: Any) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(e.token_id, e.logprob, tuple((t.token_id, t.logprob) for t in e.top)) for e in entries)
 
 
-def generate_event(response: gpb.GenerateResponse, request_id: str) -> GenerateEvent:
+def generate_event(response: gpb.GenerateResponse, request_id: str, replica: str = "") -> GenerateEvent:
     if response.HasField("chunk"):
         chunk = response.chunk
         return TextChunk(chunk.text, tuple(chunk.token_ids), _logprobs(chunk.logprobs))
@@ -159,12 +171,22 @@ def generate_event(response: gpb.GenerateResponse, request_id: str) -> GenerateE
         prompt_logprobs=_logprobs(finished.prompt_logprobs),
         adapter_mix=tuple(MixMember(m.name, m.version, m.weight) for m in finished.adapter_mix),
         cached_prompt_tokens=finished.usage.cached_prompt_tokens,
+        replica=replica,
     )
 
 
 def echoed_request_id(initial_metadata: Any) -> str:
     """The x-request-id the server echoed in a call's initial metadata ("" if none)."""
-    return next((v for k, v in initial_metadata or () if k == REQUEST_ID_KEY), "")
+    return _metadata_value(initial_metadata, REQUEST_ID_KEY)
+
+
+def echoed_replica(initial_metadata: Any) -> str:
+    """The x-loramux-replica of the replica that served a call ("" if none)."""
+    return _metadata_value(initial_metadata, REPLICA_KEY)
+
+
+def _metadata_value(metadata: Any, key: str) -> str:
+    return next((v for k, v in metadata or () if k == key), "")
 
 
 def load_request(name: str, source: str, options: LoadOptions) -> apb.LoadAdapterRequest:

@@ -90,13 +90,16 @@ class LoramuxClient:
         repetition_penalty, presence_penalty, frequency_penalty, logprobs, top_logprobs, prompt_logprobs,
         apply_chat_template, messages (instead of a prompt), request_id."""
         request = wire.generate_request(prompt, options)
-        metadata = wire.call_metadata(self._auth, request.request_id)
+        metadata = (*wire.call_metadata(self._auth, request.request_id), *wire.routing_metadata(request))
         call = self._generation.Generate(request, timeout=self._timeout(timeout), metadata=metadata)
         try:
             for response in call:
-                finished = response.HasField("finished")
-                request_id = wire.echoed_request_id(call.initial_metadata()) if finished else ""
-                yield wire.generate_event(response, request_id)
+                if response.HasField("finished"):
+                    initial = call.initial_metadata()
+                    event = wire.generate_event(response, wire.echoed_request_id(initial), wire.echoed_replica(initial))
+                else:
+                    event = wire.generate_event(response, "")
+                yield event
         except grpc.RpcError as exc:
             raise LoramuxRpcError.from_rpc_error(exc) from None
         finally:

@@ -35,6 +35,8 @@ const LOADER_OPTIONS = {
 };
 const DEFAULT_DEADLINE_MS = 30_000;
 const STATUS_DETAILS_KEY = 'grpc-status-details-bin';
+const ADAPTER_KEY = 'x-loramux-adapter'; // the routing key of an adapter-hashing load balancer
+const REPLICA_KEY = 'x-loramux-replica'; // which replica served a call
 
 let cachedPackage = null;
 let cachedStatusRoot = null;
@@ -111,6 +113,16 @@ function callMetadata({ requestId, traceparent, metadata, token } = {}) {
   return md;
 }
 
+/**
+ * The routing key of a Generate (`x-loramux-adapter`): the adapter it names or its mix's first member. None for the
+ * bare base model ('') and the server's default (unset): a load balancer sends those to its base-model backend. The
+ * server checks that the key agrees with the request (INVALID_ARGUMENT ADAPTER_METADATA_MISMATCH otherwise).
+ */
+function routingKey(request) {
+  const mix = request.adapter_mix || [];
+  return mix.length > 0 ? mix[0].name : request.adapter || '';
+}
+
 function deadline({ deadlineMs = DEFAULT_DEADLINE_MS } = {}) {
   return { deadline: new Date(Date.now() + deadlineMs) };
 }
@@ -181,18 +193,27 @@ class LoramuxClient {
 
   /**
    * Generate: the grpc-js stream (an async iterable of GenerateResponse; `.cancel()` stops the generation on the
-   * server; the 'metadata' event carries the echoed `x-request-id`).
+   * server; the 'metadata' event carries the echoed `x-request-id` and `x-loramux-replica`, the replica that serves
+   * it). Sends `x-loramux-adapter` (see routingKey); `options.metadata` may override it.
    */
   generate(request, options = {}) {
-    return this.generation.Generate(request, callMetadata({ ...options, token: this.token }), deadline(options));
+    const key = routingKey(request);
+    const metadata = { ...(key ? { [ADAPTER_KEY]: key } : {}), ...(options.metadata || {}) };
+    const md = callMetadata({ ...options, metadata, token: this.token });
+    return this.generation.Generate(request, md, deadline(options));
   }
 
-  /** Generate, collected: `{ text, tokenIds, logprobs, finished, requestId }` (logprobs: with `logprobs: true`). */
+  /**
+   * Generate, collected: `{ text, tokenIds, logprobs, finished, requestId, replica }` (logprobs: with
+   * `logprobs: true`; replica: `x-loramux-replica`).
+   */
   async generateText(request, options = {}) {
     const stream = this.generate(request, options);
     let requestId;
+    let replica;
     stream.on('metadata', (md) => {
       requestId = md.get('x-request-id')[0];
+      replica = md.get(REPLICA_KEY)[0];
     });
     let text = '';
     const tokenIds = [];
@@ -207,7 +228,7 @@ class LoramuxClient {
         finished = message.finished;
       }
     }
-    return { text, tokenIds, logprobs, finished, requestId };
+    return { text, tokenIds, logprobs, finished, requestId, replica };
   }
 
   /** Tokenize: `{ response: { token_ids, count }, requestId }`, the ids Generate would see for this input. */
@@ -226,4 +247,4 @@ class LoramuxClient {
   }
 }
 
-module.exports = { LoramuxClient, grpc, loadPackage, newRequestId, newTraceparent, richError };
+module.exports = { LoramuxClient, grpc, loadPackage, newRequestId, newTraceparent, richError, routingKey };

@@ -9,7 +9,7 @@
 
 const assert = require('node:assert/strict');
 const { test } = require('node:test');
-const { LoramuxClient, grpc, newTraceparent, richError } = require('../src/loramux');
+const { LoramuxClient, grpc, newTraceparent, richError, routingKey } = require('../src/loramux');
 
 const { LORAMUX_TARGET: target, LORAMUX_ADAPTER: resident, LORAMUX_ADAPTER_SOURCE: source } = process.env;
 if (!target || !resident || !source) {
@@ -110,6 +110,23 @@ test('Generate streams token chunks, then exactly one finished event', async () 
   const base = await client.generateText({ text: PROMPT, adapter: '', stopping: { max_new_tokens: 8, ignore_eos: true } });
   assert.equal(base.finished.adapter, ''); // "" set: the bare base model
   assert.equal(base.tokenIds.length, 8);
+});
+
+test('Generate sends x-loramux-adapter, which must agree with the request; the reply names its replica', async () => {
+  assert.equal(routingKey({ adapter: resident }), resident);
+  assert.equal(routingKey({ adapter_mix: [{ name: LOADED, weight: 1 }], adapter: resident }), LOADED);
+  assert.equal(routingKey({ adapter: '' }), '');
+  assert.equal(routingKey({}), '');
+  const out = await client.generateText({ text: PROMPT, adapter: resident, stopping: { max_new_tokens: 2 } });
+  assert.equal(out.replica, target); // the server's default replica id: host:port as bound
+  const err = await rejection(client.generateText(
+    { text: PROMPT, adapter: resident }, { metadata: { 'x-loramux-adapter': 'another-adapter' } },
+  ));
+  assert.equal(err.code, Status.INVALID_ARGUMENT);
+  const rich = richError(err);
+  assert.equal(rich.errorInfo.reason, 'ADAPTER_METADATA_MISMATCH');
+  assert.deepEqual(rich.badRequest.field_violations.map((v) => v.field), ['x-loramux-adapter']);
+  assert.equal(err.metadata.get('x-loramux-replica')[0], target); // errors name the replica in the trailer
 });
 
 test('cancelling mid-stream ends the call with CANCELLED', async () => {
