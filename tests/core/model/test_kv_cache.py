@@ -109,3 +109,57 @@ def test_select_rows_in_any_order_and_merge_left_pads_with_zeros() -> None:
     mask = select_rows(cache_a, torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1), [2, 0])  # any order
     assert mask.tolist() == [[1, 1, 1], [1, 1, 1]]  # the long row left: its two leading columns too
     assert cache_a.layers[0].keys[:, 0, :, 0].tolist() == [[200, 201, 0], [0, 1, 0]]
+
+
+def merged(cache_a: GrowableCache, rows_a: int, cache_b: GrowableCache) -> torch.Tensor:
+    from loramux.core.model.kv_batch import merge
+
+    width_a, (n_b, width_b) = cache_a.layers[0].keys.shape[-2], cache_b.layers[0].keys.shape[::2]
+    mask_a = torch.ones(rows_a, width_a, dtype=torch.long)
+    return merge(cache_a, mask_a, cache_b, torch.ones(n_b, width_b, dtype=torch.long))
+
+
+def cache_of(states: torch.Tensor) -> GrowableCache:
+    cache = GrowableCache()
+    cache.update(states, -states, 0)
+    return cache
+
+
+def test_a_joining_row_shorter_than_the_batch_is_left_padded_in_place() -> None:
+    cache = cache_of(rows_of(3, 4))
+    layer = cache.layers[0]
+    buffer = layer._key_buffer.data_ptr()
+    assert layer.keep_rows([], rows=2, drop_front=0)  # row 2 left: its room stays
+    mask = merged(cache, 2, cache_of(rows_of(1, 2) + 1000))
+    assert layer._key_buffer.data_ptr() == buffer  # in place: the staying rows were not copied
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 1, 2, 3], [100, 101, 102, 103], [0, 0, 1000, 1001]]
+    assert torch.equal(layer.values[:2], -layer.keys[:2]) and layer.values[2, 0, :, 0].tolist() == [0, 0, -1000, -1001]
+    keys, _ = cache.update(torch.full((3, 1, 1, 1), 9.0), torch.zeros(3, 1, 1, 1), 0)  # decoding goes on in place
+    assert keys.data_ptr() == layer._key_buffer.data_ptr() and keys[:, 0, -1, 0].tolist() == [9, 9, 9]
+
+
+def test_a_joining_row_longer_than_the_batch_extends_it_into_dropped_columns() -> None:
+    cache = cache_of(rows_of(3, 5))
+    layer = cache.layers[0]
+    buffer = layer._key_buffer.data_ptr()
+    assert layer.keep_rows([(0, 2)], rows=1, drop_front=3)  # row 2 moved to 0; 3 leading columns dropped
+    assert layer.keys[:, 0, :, 0].tolist() == [[203, 204]]
+    mask = merged(cache, 1, cache_of(rows_of(2, 4) + 1000))  # 4 > 2 columns: 2 of the dropped 3 come back
+    assert layer._key_buffer.data_ptr() == buffer
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 0, 203, 204], [1000, 1001, 1002, 1003], [1100, 1101, 1102, 1103]]
+
+
+def test_without_room_rows_join_by_one_copy_into_a_new_buffer() -> None:
+    cache = cache_of(rows_of(2, 3))
+    layer = cache.layers[0]
+    buffer = layer._key_buffer.data_ptr()
+    mask = merged(cache, 2, cache_of(rows_of(1, 5) + 1000))  # no spare row, and no dropped columns either
+    assert layer._key_buffer.data_ptr() != buffer
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 0, 0, 1, 2], [0, 0, 100, 101, 102], [1000, 1001, 1002, 1003, 1004]]
+    wide = cache_of(rows_of(3, 3))
+    assert wide.layers[0].keep_rows([], rows=2, drop_front=0)
+    assert not wide.layers[0].append_rows(rows_of(1, 4), rows_of(1, 4))  # a spare row, but no column on the left
+    assert wide.layers[0].keys.shape == (2, 1, 3, 1)  # nothing changed
