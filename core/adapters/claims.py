@@ -189,6 +189,18 @@ class Claims:
         draining an adapter in use, while it has none). A stale load (the name was replaced or unloaded
         meanwhile) serves its waiters only; a copy that became resident meanwhile is served instead."""
         t = self._t
+        try:
+            self._commit_waiting(job, adapter)
+        finally:
+            # Only a job waiting for room drains, and one job runs at a time: whatever ended this one's wait
+            # (its commit, a resident or stale copy served, every waiter giving up), nothing drains any more.
+            # A drain left behind would refuse its adapter to every new request, and the next load of it
+            # would wait for its eviction forever (the soak found this).
+            job.waiting_for_room = False
+            t.residency.stop_draining()
+
+    def _commit_waiting(self, job: LoadJob, adapter: LoadedAdapter) -> None:
+        t = self._t
         while job.waiters > 0:
             resident = t.residency.current.get(job.name)
             if resident is not None and resident.registration is job.registration and not resident.draining:
@@ -210,8 +222,6 @@ class Claims:
             t.room.wait(timeout=1.0)  # woken when an adapter may have become evictable; re-checked anyway
         else:
             return  # every waiter gave up
-        job.waiting_for_room = False
-        t.residency.stop_draining()
         reg = t.registry.setdefault(job.name, adapter.registration)
         if reg is not adapter.registration:  # a reload: the files may have changed since the last load
             if adapter.registration.fingerprint != reg.fingerprint:

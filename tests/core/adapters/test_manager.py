@@ -363,3 +363,30 @@ def test_failed_load_at_capacity_evicts_nothing(setup, tmp_path):
 def test_invalid_limits(fresh_model, kwargs):
     with pytest.raises(InvalidArgumentError):
         AdapterManager(fresh_model(ARCH), **kwargs)
+
+
+def test_a_load_that_gives_up_waiting_for_room_leaves_nothing_draining(setup):
+    """Budget 1, A in use: B's load waits for room and drains A (A takes no new requests). When B's only
+    request gives up, A must take requests again: a drain left behind made A's next load wait for A's own
+    eviction, which nothing would do (every stream on A stalled until its deadline; found by the soak)."""
+    model, paths = setup
+    manager = AdapterManager(model, max_adapters=1)
+    manager.load_adapter(str(paths["b"]), "B")
+    manager.load_adapter(str(paths["a"]), "A")  # B is evicted: registered, not resident
+    running = manager.claim("A")  # a running request holds A
+    assert running.adapter is not None and running.job is None
+    waiting = manager.claim("B")
+    job = waiting.job
+    assert job is not None
+    for _ in range(300):  # bounded: the loader thread reaches its wait for room
+        if manager.waiting() == (0, 1):
+            break
+        job.done.wait(0.01)
+    assert manager.waiting() == (0, 1) and running.adapter.draining
+    manager.release(waiting)  # B's only request gives up
+    assert job.done.wait(30), "the load did not end when its last waiter left"
+    assert not running.adapter.draining
+    again = manager.claim("A")  # a new request on A is served by the resident copy at once
+    assert again.adapter is running.adapter and again.job is None
+    manager.release(again)
+    manager.release(running)
