@@ -15,6 +15,7 @@ oversize prompts, unknown and corrupt adapters, and LoadAdapter/UnloadAdapter ch
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import random
 import shutil
 import subprocess
@@ -40,6 +41,8 @@ POOL = 12  # adapters on disk for load on demand; the budget holds BUDGET of the
 BUDGET = 4
 RSS_GROWTH = 0.05  # allowed, relative, plus RSS_SLACK
 RSS_SLACK = 16 << 20
+PREFIX_CACHE = 16 << 20  # the server's --prefix-cache-memory: it may fill after the warm-up, by design
+LONG = 100_000 // 64  # new tokens a cancelled or expiring stream asks for, at most (within the context)
 ALLOWED = {  # action -> statuses it may end with
     "stream": {"OK"},
     "cancel": {"CANCELLED"},
@@ -80,7 +83,7 @@ class Report:
         found = list(self.unexpected)
         if self.health != ["SERVING"]:
             found.append(f"health was not SERVING throughout: {self.health}")
-        if self.rss_after_run > self.rss_after_warm_up * (1 + RSS_GROWTH) + RSS_SLACK:
+        if self.rss_after_run > self.rss_after_warm_up * (1 + RSS_GROWTH) + RSS_SLACK + PREFIX_CACHE:
             found.append(f"RSS grew {self.rss_growth:+.1%} ({self.rss_after_warm_up} -> {self.rss_after_run} bytes)")
         client = {k: float(v) for k, v in self.generate_statuses.items()}
         if client != {k: v for k, v in self.server_generate_statuses.items() if v}:
@@ -94,7 +97,8 @@ class Report:
             "  by action and status: " + ", ".join(f"{a}/{s} {n}" for (a, s), n in sorted(self.calls.items())),
             f"  health throughout: {' -> '.join(self.health)}",
             f"  server RSS after warm-up {self.rss_after_warm_up / 2**20:.1f} MiB, after the run "
-            f"{self.rss_after_run / 2**20:.1f} MiB ({self.rss_growth:+.1%}; allowed {RSS_GROWTH:.0%} + 16 MiB)",
+            f"{self.rss_after_run / 2**20:.1f} MiB ({self.rss_growth:+.1%}; allowed {RSS_GROWTH:.0%} + 16 MiB + the "
+            f"prefix cache's {PREFIX_CACHE >> 20} MiB)",
             f"  /metrics Generate statuses {dict(sorted(self.server_generate_statuses.items()))} vs clients "
             f"{dict(sorted(self.generate_statuses.items()))}",
             "  problems: " + ("; ".join(self.problems()) or "none"),
@@ -121,6 +125,7 @@ class Server:
             *("--load-on-demand", "--adapter-root", str(root), "--no-hub-adapters"),
             *("--max-adapters", str(BUDGET), "--max-batch-rows", "8", "--max-prompt-tokens", "256"),
             *("--adapter", f"pinned={template}", "--grace-period", "5", "--log-level", "WARNING"),
+            *("--prefix-cache-memory", str(PREFIX_CACHE)),
         ]
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
@@ -157,11 +162,11 @@ class Server:
 
 
 class Traffic:
-    def __init__(self, server: Server, root: Path, report: Report) -> None:
+    def __init__(self, server: Server, root: Path, report: Report, *, long: int) -> None:
         self.channel = grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 8 << 20)])
         self.gen = gpb_grpc.GenerationServiceStub(self.channel)
         self.adapters = apb_grpc.AdapterServiceStub(self.channel)
-        self.root, self.report = root, report
+        self.root, self.report, self.long = root, report, long
         self._lock = threading.Lock()
 
     def run(self, seconds: float, *, seed: int) -> None:
@@ -213,10 +218,10 @@ class Traffic:
         return self._generate(self._pick(rng), rng.randint(4, 32))
 
     def _cancel(self, rng, seed):
-        return self._generate(self._pick(rng), 100_000 // 64, read=rng.randint(1, 3))
+        return self._generate(self._pick(rng), self.long, read=rng.randint(1, 3))
 
     def _deadline(self, rng, seed):
-        return self._generate(self._pick(rng), 100_000 // 64, timeout=0.3)
+        return self._generate(self._pick(rng), self.long, timeout=0.3)
 
     def _oversize(self, rng, seed):
         return self._generate("pinned", 8, text="word " * 200_000)
@@ -264,7 +269,7 @@ def soak(*, model: Path, template: Path, workdir: Path, seconds: float) -> Repor
     stop = threading.Event()
     try:
         watcher = watch_health(server.target, report, stop)
-        traffic = Traffic(server, root, report)
+        traffic = Traffic(server, root, report, long=long_stream_tokens(model))
         traffic.run(max(5.0, seconds / 10), seed=1)  # warm-up: every adapter loaded and evicted, pools grown
         baseline = settled(server, calls=sum(report.generate_statuses.values()), before={})
         report.calls.clear()
@@ -282,6 +287,14 @@ def soak(*, model: Path, template: Path, workdir: Path, seconds: float) -> Repor
         stop.set()
         server.stop()
     return report
+
+
+def long_stream_tokens(model: Path) -> int:
+    """LONG, or fewer when the model's context is shorter (the bench's model has 512 positions): a request past
+    the context is refused at admission (RESOURCE_EXHAUSTED), and these must be running when they end."""
+    config = json.loads((model / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or LONG + 64
+    return min(LONG, positions - 64)  # room for the prompt
 
 
 def generate_counts(metrics: dict[tuple[str, tuple], float]) -> dict[str, float]:
