@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramux.core.lora.route import Route
-from loramux.core.lora.weights import LinearLora
+from loramux.core.lora.weights import LinearLora, common_dtype, padded_rank
 
 
 def prefers_grouped(row_loras: Sequence[LinearLora | None]) -> bool:
@@ -70,13 +69,10 @@ class GroupedLinear(Route):
 
     def _stack(self, distinct: list[LinearLora]) -> None:
         r_max = max(lo.rank for lo in distinct)
-        self.dtype = distinct[0].At.dtype
-        for lo in distinct[1:]:
-            self.dtype = torch.promote_types(self.dtype, lo.At.dtype)
-        self.At = torch.stack([F.pad(lo.At.to(self.dtype), (0, r_max - lo.rank)) for lo in distinct])  # (K, in, r)
-        self.Bt = torch.stack(
-            [F.pad(lo.Bt.to(self.dtype) * lo.scaling, (0, 0, 0, r_max - lo.rank)) for lo in distinct]
-        )  # (K, r, out), scaling folded in
+        self.dtype = common_dtype([lo.At for lo in distinct])
+        padded = [padded_rank(lo, r_max, self.dtype) for lo in distinct]
+        self.At = torch.stack([lo.At for lo in padded])  # (K, in, r)
+        self.Bt = torch.stack([lo.Bt * lo.scaling for lo in padded])  # (K, r, out), scaling folded in
         self._stacked = [id(lo) for lo in distinct]
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:

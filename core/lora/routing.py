@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from loramux.core.lora.grouped import GroupedLinear, prefers_grouped
 from loramux.core.lora.route import Route
-from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora
+from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora, common_dtype, padded_rank
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class GatheredLinear(Route):
     def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
         present = [lo for lo in row_loras if lo is not None]
         self.r_max = max(lo.rank for lo in present)
-        self.dtype = _common_dtype([lo.At for lo in present])
+        self.dtype = common_dtype([lo.At for lo in present])
         self.has_bias = any(lo.bias is not None for lo in present)
         self.n = 0
         ref = present[0]
@@ -146,7 +146,7 @@ class GatheredLinear(Route):
 
     def append(self, row_loras: Sequence[LinearLora | None]) -> None:
         """Rows join at the end (callers check can_append first)."""
-        rows = [_padded(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
+        rows = [padded_rank(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
         k = len(rows)
         scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.At.device)  # (k,)
         # (k, in, r) and (k, r, out), LinearLora's own layout: plain copies, and contiguous bmm operands
@@ -215,7 +215,7 @@ class RoutedEmbedding(Route):
     def __init__(self, row_loras: Sequence[EmbeddingLora | None]) -> None:
         distinct = list({id(lo): lo for lo in row_loras if lo is not None}.values())
         r_max = max(lo.A.shape[0] for lo in distinct)
-        dtype = _common_dtype(lo.A for lo in distinct)
+        dtype = common_dtype(lo.A for lo in distinct)
         zero_a = distinct[0].A.new_zeros(distinct[0].A.shape[1], r_max, dtype=dtype)
         self.A_stack = torch.stack(
             [zero_a] + [F.pad(lo.A.to(dtype), (0, 0, 0, r_max - lo.A.shape[0])).T for lo in distinct]
@@ -287,24 +287,6 @@ class SavedModules(Route):
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _padded(lora: LinearLora, r_max: int, dtype: torch.dtype) -> LinearLora:
-    """Zero-pad the rank to r_max (zero rows of A / columns of B add exactly nothing)."""
-    pad = r_max - lora.rank
-    if pad == 0 and lora.At.dtype == dtype:
-        return lora
-    return LinearLora(
-        F.pad(lora.At.to(dtype), (0, pad)), F.pad(lora.Bt.to(dtype), (0, 0, 0, pad)), lora.bias, lora.scaling
-    )
-
-
-def _common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
-    dtype: torch.dtype | None = None
-    for t in tensors:
-        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    assert dtype is not None
-    return dtype
 
 
 def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:

@@ -1,14 +1,17 @@
 """What an adapter's tensors are: LoRA weights keyed by base-module name, in the layout routing multiplies by.
 
 Plain data, no file formats and no model knowledge: ``loramux.core.adapters.loading`` builds these from PEFT's
-files, ``loramux.core.lora.routing`` stacks them per row.
+files, ``loramux.core.lora.routing`` stacks them per row (and ``grouped`` per adapter, both padding ranks with
+``padded_rank``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -77,3 +80,21 @@ class AdapterWeights:
     @property
     def module_names(self) -> list[str]:
         return [*self.linear, *self.embedding, *self.saved_modules]
+
+
+def padded_rank(lora: LinearLora, r_max: int, dtype: torch.dtype) -> LinearLora:
+    """Zero-pad the rank to r_max (zero rows of A / columns of B add exactly nothing)."""
+    pad = r_max - lora.rank
+    if pad == 0 and lora.At.dtype == dtype:
+        return lora
+    return LinearLora(
+        F.pad(lora.At.to(dtype), (0, pad)), F.pad(lora.Bt.to(dtype), (0, 0, 0, pad)), lora.bias, lora.scaling
+    )
+
+
+def common_dtype(tensors: Iterator[Tensor] | Sequence[Tensor]) -> torch.dtype:
+    dtype: torch.dtype | None = None
+    for t in tensors:
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    assert dtype is not None
+    return dtype
