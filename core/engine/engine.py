@@ -46,7 +46,7 @@ from loramux.core.errors import (
     ShuttingDownError,
 )
 from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap_remove, use_plan
-from loramux.core.lora.weights import AdapterWeights
+from loramux.core.lora.workspace import RoutingWorkspace
 from loramux.core.model import kv_batch
 from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.linear_kernels import use_linear_kernel
@@ -97,6 +97,7 @@ class Engine:
         self._cache: GrowableCache | None = None
         self._mask: Tensor | None = None
         self._plan: RoutingPlan | None = None
+        self._workspace = RoutingWorkspace(rows=config.max_batch_rows)  # the decode plan's stacks, kept
         self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
         self._ragged = False  # decode attention skips rows' left padding (loramux.core.model.ragged_attention)
         self.steps = 0
@@ -259,10 +260,8 @@ class Engine:
         try:
             with torch.no_grad():
                 for rows, reused in split_by_reuse(step.prefill, self._prefixes):
-                    cache, mask, plan, logits = prefill_rows(
-                        self.model, rows, reused, pad=self._pad, device=self._device
-                    )
-                    self._join(rows, cache, mask, plan, logits)
+                    cache, mask, _, logits = prefill_rows(self.model, rows, reused, pad=self._pad, device=self._device)
+                    self._join(rows, cache, mask, logits)
         except Exception:
             log.exception("prefill failed")
             for row in step.prefill:
@@ -285,7 +284,7 @@ class Engine:
                 logits = job.step(self.model, chunk=self.config.prefill_chunk_tokens, device=self._device)
                 if logits is not None:
                     self._chunking = None
-                    self._join([job.row], job.cache, job.mask(device=self._device), job.plan, logits)
+                    self._join([job.row], job.cache, job.mask(device=self._device), logits)
         except Exception:
             log.exception("chunked prefill failed")
             self._chunking = None
@@ -295,16 +294,17 @@ class Engine:
             else:
                 self._leave(job.row, EngineFailure("generation failed inside the engine"))
 
-    def _join(self, new: list[Row], cache: GrowableCache, mask: Tensor, plan: RoutingPlan, logits: Tensor) -> None:
-        """Prefilled rows (their cache, mask (N, S), plan and last logits (N, V)) join the decode batch."""
+    def _join(self, new: list[Row], cache: GrowableCache, mask: Tensor, logits: Tensor) -> None:
+        """Prefilled rows (their cache, mask (N, S) and last logits (N, V)) join the decode batch."""
         for i, row in enumerate(new):  # their prompts' blocks, from the new rows' own cache (before merging)
             self._prefixes.store_prompt(row, cache, i)
-        if self._cache is None or self._mask is None:  # the new rows are the whole batch: so is their plan
-            self._cache, self._mask, self._plan = cache, mask, plan
+        if self._cache is None or self._mask is None:  # the whole batch; its plan: at the next decode step
+            self._cache, self._mask = cache, mask
         else:
             self._mask = kv_batch.merge(self._cache, self._mask, cache, mask)
             if self._plan is not None:  # the new rows join the decode plan at its end, like the cache
-                self._plan = extend_plan(self._plan, _weights(self._rows), _weights(new))
+                old, joining = [r.weights for r in self._rows], [r.weights for r in new]
+                self._plan = extend_plan(self._plan, old, joining, workspace=self._workspace)
         self._rows.extend(new)
         self._emit(new, logits)
 
@@ -312,7 +312,7 @@ class Engine:
         assert self._cache is not None and self._mask is not None
         rows = self._rows
         if self._plan is None:
-            self._plan = build_plan([r.weights for r in rows])
+            self._plan = build_plan([r.weights for r in rows], workspace=self._workspace)
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
         positions = kv_batch.next_positions(self._mask)  # (N, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
@@ -370,7 +370,8 @@ class Engine:
         order, moves = swap_remove(len(self._rows), removed)
         self._rows = [self._rows[i] for i in order]
         if not self._rows:
-            self._cache, self._mask, self._plan = None, None, None
+            self._cache, self._mask = None, None
+            self._drop_plan()
             return
         self._mask = kv_batch.select_rows(self._cache, self._mask, order)
         if self._plan is not None:
@@ -380,7 +381,14 @@ class Engine:
         error.__cause__ = cause
         for row in self._rows:
             self._leave(row, error)
-        self._rows, self._cache, self._mask, self._plan = [], None, None, None
+        self._rows, self._cache, self._mask = [], None, None
+        self._drop_plan()
+
+    def _drop_plan(self) -> None:
+        """The decode plan's buffers go back to the workspace, for the next batch's plan."""
+        if self._plan is not None:
+            self._plan.release()
+        self._plan = None
 
     def _drain_queue(self) -> None:
         if self._chunking is not None:
@@ -390,7 +398,3 @@ class Engine:
             waiting = self._scheduler.drain()
         for row in waiting:
             self._leave(row, ShuttingDownError("the server shut down before this request started"))
-
-
-def _weights(rows: Sequence[Row]) -> list[AdapterWeights | None]:
-    return [r.weights for r in rows]

@@ -15,3 +15,6 @@ class Route:
     def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
         """In place: row dst takes row src's routing for each (dst, src) in moves, then keep the first
         ``rows`` rows. Routes without per-row state need nothing."""
+
+    def release(self) -> None:
+        """The plan holding this route is dropped; routes that lease buffers give them back. Default: nothing."""

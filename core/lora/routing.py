@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from loramux.core.lora.grouped import GroupedLinear, prefers_grouped
 from loramux.core.lora.route import Route
 from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora, common_dtype, padded_rank
+from loramux.core.lora.workspace import Buffers, RoutingWorkspace
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,24 @@ class RoutingPlan:
             route.compact(moves, rows)
         return RoutingPlan(rows=rows, routes=self.routes)
 
+    def release(self) -> None:
+        """The plan is dropped: routes give their buffers back to the workspace they came from (if any)."""
+        for route in self.routes.values():
+            route.release()
+
 
 def extend_plan(
-    plan: RoutingPlan, rows: Sequence[AdapterWeights | None], new: Sequence[AdapterWeights | None]
+    plan: RoutingPlan,
+    rows: Sequence[AdapterWeights | None],
+    new: Sequence[AdapterWeights | None],
+    *,
+    workspace: RoutingWorkspace | None = None,
 ) -> RoutingPlan:
     """The plan after rows ``new`` join a batch routed by ``plan`` (whose rows are ``rows``). Gathered linear
     routes append the new rows' slices in place; any other change (a uniform route turning mixed, a larger
     rank, embeddings, modules_to_save) rebuilds that module's route."""
     combined = [*rows, *new]
-    rebuilt = build_plan(combined, reuse=plan.routes, new_rows=new)
+    rebuilt = build_plan(combined, reuse=plan.routes, new_rows=new, workspace=workspace)
     return RoutingPlan(rows=len(combined), routes=rebuilt.routes)
 
 
@@ -68,13 +78,21 @@ def swap_remove(n: int, removed: set[int]) -> tuple[list[int], list[tuple[int, i
 
 
 def _move_rows(t: Tensor, moves: Sequence[tuple[int, int]], rows: int) -> Tensor:
-    """t (N, ...): copy rows src -> dst (src >= rows > dst, so no overlap), keep the first rows (a view)."""
+    """t (N, ...): copy rows src -> dst (src >= rows > dst, so no overlap), keep the first rows (a view). One
+    plain copy per moved row: an indexed assignment cost 0.23 ms per module at a move or two (bench-scale's
+    rows leave a few at a time), 15x the copies."""
     if moves:
-        dst = torch.tensor([d for d, _ in moves], device=t.device)
-        src = torch.tensor([s for _, s in moves], device=t.device)
         with torch.no_grad():
-            t[dst] = t[src]
+            for dst, src in moves:
+                t[dst].copy_(t[src])
     return t[:rows]
+
+
+def _stack_into(dst: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """dst (k, ...) = stack(tensors), with no temporary unless autograd must see it (trainable adapters)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return dst.copy_(torch.stack(list(tensors)))
+    return torch.stack(list(tensors), out=dst)
 
 
 _CURRENT_PLAN: ContextVar[RoutingPlan | None] = ContextVar("loramux_routing_plan", default=None)
@@ -122,7 +140,9 @@ class GatheredLinear(Route):
     leave by moving the last rows into their places: neither copies the other rows.
     """
 
-    def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
+    def __init__(
+        self, row_loras: Sequence[LinearLora | None], *, workspace: RoutingWorkspace | None = None, name: str = ""
+    ) -> None:
         present = [lo for lo in row_loras if lo is not None]
         self.r_max = max(lo.rank for lo in present)
         self.dtype = common_dtype([lo.At for lo in present])
@@ -135,7 +155,8 @@ class GatheredLinear(Route):
             None,
             0.0,
         )
-        self._bufs: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._workspace, self._name = workspace, name  # where its buffers come from and go back to, if any
+        self._bufs: Buffers | None = None
         self.append(row_loras)
 
     def can_append(self, row_loras: Sequence[LinearLora | None]) -> bool:
@@ -145,38 +166,50 @@ class GatheredLinear(Route):
         )
 
     def append(self, row_loras: Sequence[LinearLora | None]) -> None:
-        """Rows join at the end (callers check can_append first)."""
+        """Rows join at the end (callers check can_append first), written straight into the buffers."""
         rows = [padded_rank(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
-        k = len(rows)
+        k, n = len(rows), self.n
+        self._reserve(n + k)
+        assert self._bufs is not None
+        at, bt, bias = self._bufs
         scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.At.device)  # (k,)
         # (k, in, r) and (k, r, out), LinearLora's own layout: plain copies, and contiguous bmm operands
         # (measured faster than transposed views)
-        at = torch.stack([lo.At for lo in rows])  # (k, in, r_max)
-        bt = torch.stack([lo.Bt for lo in rows]).mul_(scaling[:, None, None])  # (k, r_max, out)
-        bias = None
-        if self.has_bias:
+        _stack_into(at[n : n + k], [lo.At for lo in rows])  # (k, in, r_max)
+        _stack_into(bt[n : n + k], [lo.Bt for lo in rows]).mul_(scaling[:, None, None])  # (k, r_max, out)
+        if bias is not None:
             no_bias = self._zero.Bt.new_zeros(self._zero.Bt.shape[1])
             biases = [lo.bias if lo.bias is not None else no_bias for lo in rows]
-            bias = (torch.stack(biases).to(self.dtype) * scaling[:, None]).unsqueeze(1)  # (k, 1, out)
-        self._reserve(self.n + k, like=(at, bt, bias))
-        assert self._bufs is not None
-        for buf, new in zip(self._bufs, (at, bt, bias), strict=True):
-            if buf is not None and new is not None:
-                buf[self.n : self.n + k] = new
+            bias[n : n + k] = (torch.stack(biases).to(self.dtype) * scaling[:, None]).unsqueeze(1)  # (k, 1, out)
         self.n += k
         self._refresh_views()
 
-    def _reserve(self, rows: int, *, like: tuple[Tensor, Tensor, Tensor | None]) -> None:
+    def release(self) -> None:
+        """The plan holding this route is dropped: its buffers go back to the workspace (it is not used again)."""
+        if self._workspace is not None and self._bufs is not None:
+            self._workspace.give(self._name, self._bufs)
+        self._bufs = None
+
+    def _reserve(self, rows: int) -> None:
         capacity = 0 if self._bufs is None else self._bufs[0].shape[0]
         if rows <= capacity:
             return
-        capacity = max(1 << (rows - 1).bit_length(), 2 * capacity)  # a power of two: joins seldom regrow
-        grown = tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)
+        in_features, out_features = self._zero.At.shape[0], self._zero.Bt.shape[1]
+        like: Buffers = (
+            self._zero.At.new_empty(0, in_features, self.r_max),
+            self._zero.Bt.new_empty(0, self.r_max, out_features),
+            self._zero.Bt.new_empty(0, 1, out_features) if self.has_bias else None,
+        )
+        if self._workspace is not None:
+            grown = self._workspace.take(self._name, like, rows=rows)
+        else:
+            capacity = max(1 << (rows - 1).bit_length(), 2 * capacity)  # a power of two: joins seldom regrow
+            grown = tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)  # type: ignore[assignment]
         if self._bufs is not None:
             for old, buf in zip(self._bufs, grown, strict=True):
                 if old is not None and buf is not None:
                     buf[: self.n] = old[: self.n]
-        self._bufs = grown  # type: ignore[assignment]
+        self._bufs = grown
 
     def _refresh_views(self) -> None:
         assert self._bufs is not None
@@ -272,6 +305,10 @@ class SavedModules(Route):
         if self.fallback is not None:
             self.fallback.compact(moves, rows)
 
+    def release(self) -> None:
+        if self.fallback is not None:
+            self.fallback.release()
+
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         if self.uniform is not None:
             return self.uniform(x, *args, **kwargs)
@@ -289,7 +326,9 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
+def linear_route(
+    row_loras: Sequence[LinearLora | None], *, workspace: RoutingWorkspace | None = None, name: str = ""
+) -> Route:
     """Uniform when one adapter covers every row; grouped by adapter when rows share adapters (each read once
     per step); else gather-bmm over per-row stacks (fastest for distinct adapters, bench/lora_routing.py)."""
     first = row_loras[0]
@@ -297,7 +336,7 @@ def linear_route(row_loras: Sequence[LinearLora | None]) -> Route:
         return UniformLinear(first)
     if prefers_grouped(row_loras):
         return GroupedLinear(row_loras)
-    return GatheredLinear(row_loras)
+    return GatheredLinear(row_loras, workspace=workspace, name=name)
 
 
 def _keeps(route: Route, row_loras: Sequence[LinearLora | None]) -> bool:
@@ -310,11 +349,13 @@ def build_plan(
     *,
     reuse: Mapping[str, Route] | None = None,
     new_rows: Sequence[AdapterWeights | None] = (),
+    workspace: RoutingWorkspace | None = None,
 ) -> RoutingPlan:
     """One route per module that at least one row's adapter touches. rows[i] is row i's adapter (None: base).
 
     reuse/new_rows (from extend_plan): rows ends with new_rows, and reuse holds the routes of the rows before
-    them; gathered linear routes there are extended in place instead of rebuilt."""
+    them; gathered linear routes there are extended in place instead of rebuilt. With a workspace, gathered
+    routes lease their buffers from it, and a gathered route replaced by another kind gives them back."""
     adapters = [a for a in rows if a is not None]
     routes: dict[str, Route] = {}
     for name in dict.fromkeys(n for a in adapters for n in a.linear):
@@ -325,10 +366,13 @@ def build_plan(
             old.append(added)
             routes[name] = old
             continue
-        routes[name] = linear_route(combined)
+        routes[name] = linear_route(combined, workspace=workspace, name=name)
     for name in dict.fromkeys(n for a in adapters for n in a.embedding):
         routes[name] = RoutedEmbedding([a.embedding.get(name) if a is not None else None for a in rows])
     for name in dict.fromkeys(n for a in adapters for n in a.saved_modules):
         saved = [a.saved_modules.get(name) if a is not None else None for a in rows]
         routes[name] = SavedModules(saved, fallback=routes.get(name))
+    for name, old in (reuse or {}).items():  # after the build succeeded: the old plan is not used again
+        if routes.get(name) is not old and not isinstance(routes.get(name), GatheredLinear):
+            old.release()  # a new gathered route holds a lease of its own: the old buffers just go
     return RoutingPlan(rows=len(rows), routes=routes)

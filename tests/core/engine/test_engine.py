@@ -428,3 +428,23 @@ def test_long_prompts_take_turns_and_shutdown_ends_a_pending_one(base_model, tok
         eng.close()
     with pytest.raises(ShuttingDownError):
         collect(third)
+
+
+def test_the_next_batch_routes_on_the_buffers_the_last_one_gave_back(engine, peft_model):
+    """Mixed adapters decode on gathered stacks leased from the engine's workspace; when the batch empties
+    they go back, and the next batch (other rows, other order) leases the same memory and still equals PEFT."""
+    first_kept: dict[str, int] = {}
+    for picked in ([0, 1, 2], [2, 1, 0, 1]):  # more distinct adapters than half the rows: the gathered route
+        channels = [
+            engine.submit(GenerationRequest(prompt=PROMPTS[i], adapter=CHOICES[i], max_new_tokens=6, ignore_eos=True))
+            for i in picked
+        ]
+        for i, channel in zip(picked, channels, strict=True):
+            name = None if CHOICES[i] is AdapterSelection.BASE else CHOICES[i]
+            assert collect(channel)[0] == peft_greedy(peft_model, PROMPTS[i], name, 6)
+        assert engine.running_rows == 0
+        kept = {name: bufs[0].data_ptr() for name, bufs in engine._workspace._spare.items()}
+        assert kept and engine._workspace.nbytes > 0
+        if first_kept:  # the second batch: every module's stacks are the memory the first one gave back
+            assert kept == first_kept
+        first_kept = kept
