@@ -17,6 +17,7 @@ from loramux.core.adapters.spec import LoraSpec
 from loramux.core.adapters.targeting import Target, TargetKind
 from loramux.core.errors import CorruptAdapterError, IncompatibleAdapterError
 from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora
+from loramux.core.memory import mapped_empty
 
 PREFIX = "base_model.model."
 
@@ -194,7 +195,8 @@ class _Arena:
         groups: dict[tuple[torch.device, torch.dtype], int] = {}
         for tensors, device, dtype in self._requests:
             groups[(device, dtype)] = groups.get((device, dtype), 0) + sum(t.numel() for t in tensors)
-        buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in groups.items()}
+        # each in a mapping of its own: an evicted adapter's memory goes back to the system (core/memory.py)
+        buffers = {key: mapped_empty((n,), dtype=key[1], device=key[0]) for key, n in groups.items()}
         self._buffers = list(buffers.values())
         offsets = dict.fromkeys(buffers, 0)
         for tensors, device, dtype in self._requests:

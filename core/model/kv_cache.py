@@ -10,7 +10,8 @@ and leading all-padding columns are dropped by moving a start offset); rows join
 the buffers have (``append_rows``: the room rows that left keep), else once into a new buffer with room to
 grow (``left_padded_buffer`` + ``adopt``). ``keys``/``values`` stay the layer's
 source of truth, as in ``DynamicLayer``: code that replaces them (transformers' ``crop`` or beam reordering)
-simply makes the next update move them into a fresh buffer.
+simply makes the next update move them into a fresh buffer. Buffers are mappings of their own
+(``loramux.core.memory``): a batch's old buffers go back to the system, not into heap holes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from loramux.core.memory import mapped_empty
 
 MIN_SPARE = 32  # tokens of room added when a buffer grows
 
@@ -47,7 +49,7 @@ class GrowableLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._holds_views(key_states, length + new):
+        if not self._holds_views(key_states, length + new) and not self._shift_left(key_states, length + new):
             self._regrow(key_states, value_states, length, buffer_columns(length + new))
         kb, vb, rows, start = self._key_buffer, self._value_buffer, key_states.shape[0], self._start
         assert kb is not None and vb is not None
@@ -67,11 +69,9 @@ class GrowableLayer(DynamicLayer):
             return False
         kb, vb, start, length = self._key_buffer, self._value_buffer, self._start, keys.shape[-2]
         assert kb is not None and vb is not None
-        if moves:
-            dst = torch.tensor([d for d, _ in moves], device=kb.device)
-            src = torch.tensor([s for _, s in moves], device=kb.device)
-            for buffer in (kb, vb):
-                buffer[dst, :, start : start + length] = buffer[src, :, start : start + length]
+        for buffer in (kb, vb):  # one plain copy per moved row (an indexed assignment was several times slower)
+            for dst, src in moves:
+                buffer[dst, :, start : start + length].copy_(buffer[src, :, start : start + length])
         self._start = start + drop_front
         self._set_views(rows, length - drop_front)
         return True
@@ -130,6 +130,29 @@ class GrowableLayer(DynamicLayer):
             and values.stride() == vb.stride()
         )
 
+    def _shift_left(self, key_states: Tensor, needed: int) -> bool:
+        """In place: the buffers are full on the right but have dropped columns on the left (rows that left
+        took their padding with them): move the tokens to column 0, so a batch whose width stays level (rows
+        joining as others leave) reuses its buffers instead of allocating new ones every few dozen steps. Only
+        while that leaves at least half the room a regrowth would give (else regrow, as a growing batch must);
+        False (nothing done) when it does not apply."""
+        kb, vb, keys, start = self._key_buffer, self._value_buffer, self.keys, self._start
+        if kb is None or vb is None or keys is None or start == 0:
+            return False
+        if kb.shape[-2] - needed < (buffer_columns(needed) - needed) // 2:
+            return False
+        length = keys.shape[-2]
+        if not self._holds_views(key_states, length):  # the views are ours, with the rows the update writes
+            return False
+        rows = keys.shape[0]
+        for buffer in (kb, vb):  # chunks of at most `start` columns: source and destination never overlap
+            for col in range(0, length, start):
+                width = min(start, length - col)
+                buffer[:rows, :, col : col + width].copy_(buffer[:rows, :, start + col : start + col + width])
+        self._start = 0
+        self._set_views(rows, length)
+        return True
+
     def _regrow(self, key_states: Tensor, value_states: Tensor, length: int, capacity: int) -> None:
         self._key_buffer = _buffer_with(self.keys, key_states, length, capacity)
         self._value_buffer = _buffer_with(self.values, value_states, length, capacity)
@@ -150,7 +173,7 @@ class GrowableLayer(DynamicLayer):
 def _buffer_with(current: Tensor | None, states: Tensor, length: int, capacity: int) -> Tensor:
     """A new (N, H, capacity, D) buffer holding ``current``'s first ``length`` tokens."""
     rows, heads, _, dim = states.shape
-    buffer = torch.empty((rows, heads, capacity, dim), dtype=states.dtype, device=states.device)
+    buffer = mapped_empty((rows, heads, capacity, dim), dtype=states.dtype, device=states.device)
     if length:
         assert current is not None
         buffer[:, :, :length].copy_(current)
@@ -162,7 +185,7 @@ def left_padded_buffer(parts: Sequence[Tensor], width: int) -> Tensor:
     one new buffer (sum n_i, H, capacity, D) with room to grow: one copy of each part."""
     first = parts[0]
     rows, heads, dim = sum(p.shape[0] for p in parts), first.shape[1], first.shape[3]
-    buffer = torch.empty((rows, heads, buffer_columns(width), dim), dtype=first.dtype, device=first.device)
+    buffer = mapped_empty((rows, heads, buffer_columns(width), dim), dtype=first.dtype, device=first.device)
     row = 0
     for part in parts:
         n, pad = part.shape[0], width - part.shape[2]

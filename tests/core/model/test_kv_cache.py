@@ -163,3 +163,31 @@ def test_without_room_rows_join_by_one_copy_into_a_new_buffer() -> None:
     assert wide.layers[0].keep_rows([], rows=2, drop_front=0)
     assert not wide.layers[0].append_rows(rows_of(1, 4), rows_of(1, 4))  # a spare row, but no column on the left
     assert wide.layers[0].keys.shape == (2, 1, 3, 1)  # nothing changed
+
+
+def test_a_batch_of_level_width_shifts_left_in_its_buffers_instead_of_regrowing() -> None:
+    """Rows leave taking leading columns with them while the others decode: when the buffer fills up on the
+    right, its tokens move back to column 0 in the same buffer (no new allocation), and every row's keys and
+    values stay exactly what was written."""
+    layer = layer_with(rows_of(2, MIN_SPARE))  # capacity MIN_SPARE + MIN_SPARE columns
+    buffer, capacity = layer._key_buffer, layer._key_buffer.shape[-2]
+    expected = rows_of(2, MIN_SPARE)
+    for step in range(3 * capacity):  # several times around the buffer
+        token = torch.full((2, 1, 1, 1), 10_000.0 + step)
+        layer.update(token, -token)
+        expected = torch.cat([expected, token], dim=2)
+        assert layer.keep_rows([], rows=2, drop_front=1)  # the oldest column left with a row
+        expected = expected[:, :, 1:]
+        assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected), step
+    assert layer._key_buffer is buffer and layer._key_buffer.shape[-2] == capacity  # never reallocated
+
+
+def test_a_growing_batch_still_regrows_when_shifting_would_leave_too_little_room() -> None:
+    layer = layer_with(rows_of(1, MIN_SPARE))
+    buffer = layer._key_buffer
+    assert layer.keep_rows([], rows=1, drop_front=2)
+    for step in range(MIN_SPARE + 2):  # width grows past what the buffer can hold with a quarter of room
+        token = torch.full((1, 1, 1, 1), float(step))
+        layer.update(token, -token)
+    assert layer._key_buffer is not buffer
+    assert layer.keys[0, 0, :, 0].tolist() == [*range(2, MIN_SPARE), *map(float, range(MIN_SPARE + 2))]
