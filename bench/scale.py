@@ -16,8 +16,9 @@ new tokens, greedy, ignore_eos. Two cases, each in a fresh process, interleaved 
 Reported: throughput of ``budget`` vs ``preloaded`` (goal >= 0.7x), the resident hit ratio, time to first token
 p50/p99, and the peak RSS of the ``budget`` process against its base (the model and engine, warm, before any
 adapter) plus the budget (64 adapters' bytes) (goal: at most +10 %). Both cases first serve one untimed batch
-of 32 rows on 32 adapters outside the sequence (then unloaded), so the base includes what a server that has
-served a full batch keeps (KV cache and routing buffers). The prefix cache is off in both: the prompts are
+of 32 rows on 32 adapters outside the sequence (then unloaded; the base is read once the engine has let go of
+those rows), so the base includes what a server that has served a full batch keeps (its routing workspace),
+not the KV of rows that have finished. The prefix cache is off in both: the prompts are
 random and share nothing, and the cache is a budget of its own (``--prefix-cache-memory``, bench/prefix.py),
 which would otherwise fill with prompts no one reuses and count against the adapters' budget.
 """
@@ -98,6 +99,16 @@ def rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def settle(engine: Engine, timeout: float = 30.0) -> None:
+    """Wait until the engine has let go of the warm-up's rows (clients see the last event a step before the
+    engine drops the row and its KV), so the base is measured in the same state every time."""
+    deadline = time.monotonic() + timeout
+    while engine.running_rows or engine.queued:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine still holds {engine.running_rows} rows after the warm-up")
+        time.sleep(0.01)
+
+
 def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current VmRSS
 
@@ -149,6 +160,7 @@ def run_case(case: str, root: Path) -> dict:
         asyncio.run(closed_loop(engine, warm, prompts(WARM_ADAPTERS, seed=1)))
         for name in warm:
             manager.unload_adapter(name)
+        settle(engine)
         base_rss = rss("VmRSS")
         reset_peak_rss()
         hits0, misses0 = manager.stats.hits, manager.stats.misses

@@ -25,7 +25,6 @@ from loramux.core.engine.logprobs import prompt_logprobs
 from loramux.core.engine.prefix_cache import Block
 from loramux.core.engine.row import Row
 from loramux.core.lora.routing import RoutingPlan, build_plan, use_plan
-from loramux.core.memory import mapped_empty
 from loramux.core.model import kv_batch
 from loramux.core.model.kv_cache import GrowableCache, buffer_columns
 
@@ -78,7 +77,7 @@ def seeded_cache(reused: Sequence[Sequence[Block]], used: Sequence[int], *, colu
         heads, _, dim = keys.shape
         pair = []
         for part in ("keys", "values"):
-            buffer = mapped_empty((rows, heads, capacity, dim), dtype=keys.dtype, device=keys.device)
+            buffer = torch.empty((rows, heads, capacity, dim), dtype=keys.dtype, device=keys.device)
             for i, (blocks, n) in enumerate(zip(reused, used, strict=True)):
                 buffer[i, :, : columns - n].zero_()  # padding is masked, but must be finite (0 x NaN is NaN)
                 whole, rest = divmod(n, size)

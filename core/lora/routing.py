@@ -202,8 +202,8 @@ class GatheredLinear(Route):
         )
         if self._workspace is not None:
             grown = self._workspace.take(self._name, like, rows=rows)
-        else:
-            capacity = max(1 << (rows - 1).bit_length(), 2 * capacity)  # a power of two: joins seldom regrow
+        else:  # a new plan (a prefill's) gets exactly its rows; joins then double, so they seldom regrow
+            capacity = rows if self._bufs is None else max(1 << (rows - 1).bit_length(), 2 * capacity)
             grown = tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)  # type: ignore[assignment]
         if self._bufs is not None:
             for old, buf in zip(self._bufs, grown, strict=True):

@@ -6,8 +6,8 @@ fresh pages each time (page faults on every join that regrew them) and went back
 batch emptied, so a server's memory swung by that much with its load, on top of its adapters. The engine
 keeps them instead: the decode plan leases each module's buffers here, sized for the engine's largest batch
 (``rows``), and gives them back when the plan is dropped; the next plan takes the same memory. The footprint
-is then fixed, max_batch_rows rows of stacks per module at the largest rank served, and present from the
-first full batch on (what `make bench-scale` counts as the server's base).
+is then fixed, max_batch_rows rows of stacks per module at the largest rank served, resident (zeroed) from
+the first batch that routes on it (what `make bench-scale` counts as the server's base).
 
 A lease is exclusive: ``take`` hands a module's buffers to one route and forgets them until ``give``. Only
 the engine's decode plan uses a workspace (prefill plans are short-lived and small); engine thread only.
@@ -41,7 +41,9 @@ class RoutingWorkspace:
         if kept is not None and _fits(kept, like, rows=rows):
             return kept
         capacity = max(rows, self.rows)
-        return tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)  # type: ignore[return-value]
+        # zeroed, so every page is resident from the first use: the footprint is fixed, not growing with the
+        # most rows a batch has had so far
+        return tuple(t.new_zeros(capacity, *t.shape[1:]) if t is not None else None for t in like)  # type: ignore[return-value]
 
     def give(self, name: str, buffers: Buffers) -> None:
         """Keep ``buffers`` for the next route of module ``name`` (the giver must not use them again)."""

@@ -10,8 +10,8 @@ and leading all-padding columns are dropped by moving a start offset); rows join
 the buffers have (``append_rows``: the room rows that left keep), else once into a new buffer with room to
 grow (``left_padded_buffer`` + ``adopt``). ``keys``/``values`` stay the layer's
 source of truth, as in ``DynamicLayer``: code that replaces them (transformers' ``crop`` or beam reordering)
-simply makes the next update move them into a fresh buffer. Buffers are mappings of their own
-(``loramux.core.memory``): a batch's old buffers go back to the system, not into heap holes.
+simply makes the next update move them into a fresh buffer. The buffers a batch regrows or rebuilds into are
+mappings of their own (``loramux.core.memory``): its old buffers go back to the system, not into heap holes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -173,7 +174,8 @@ class GrowableLayer(DynamicLayer):
 def _buffer_with(current: Tensor | None, states: Tensor, length: int, capacity: int) -> Tensor:
     """A new (N, H, capacity, D) buffer holding ``current``'s first ``length`` tokens."""
     rows, heads, _, dim = states.shape
-    buffer = mapped_empty((rows, heads, capacity, dim), dtype=states.dtype, device=states.device)
+    empty = mapped_empty if length else torch.empty  # a batch regrowing: mapped; a prefill's first: the heap's
+    buffer = empty((rows, heads, capacity, dim), dtype=states.dtype, device=states.device)
     if length:
         assert current is not None
         buffer[:, :, :length].copy_(current)

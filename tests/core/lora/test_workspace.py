@@ -20,6 +20,7 @@ def test_a_lease_is_exclusive_and_given_back_buffers_are_reused():
     ws = RoutingWorkspace(rows=16)
     first = ws.take("q", _like(), rows=3)
     assert first[0].shape == (16, 8, 4) and first[2] is None  # allocated for the workspace's rows
+    assert not first[0].any() and not first[1].any()  # zeroed: resident from the first use
     second = ws.take("q", _like(), rows=3)  # the first is leased: another set
     assert second[0].data_ptr() != first[0].data_ptr()
     ws.give("q", first)
