@@ -15,6 +15,7 @@ gRPC's message buffers), keep the allocator's own policy.
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -26,10 +27,8 @@ MIN_MAPPED_BYTES = 1 << 20  # smaller buffers stay on the heap: a mapping costs 
 def mapped_empty(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """Like torch.empty; on the CPU and from MIN_MAPPED_BYTES up, backed by an anonymous private mapping that is
     unmapped when the last tensor viewing it goes (the tensor keeps the mapping alive)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_MAPPED_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     region = mmap.mmap(-1, nbytes)  # page-aligned, zero-filled on first touch

@@ -260,7 +260,7 @@ class Engine:
         try:
             with torch.no_grad():
                 for rows, reused in split_by_reuse(step.prefill, self._prefixes):
-                    cache, mask, _, logits = prefill_rows(self.model, rows, reused, pad=self._pad, device=self._device)
+                    cache, mask, logits = prefill_rows(self.model, rows, reused, pad=self._pad, device=self._device)
                     self._join(rows, cache, mask, logits)
         except Exception:
             log.exception("prefill failed")

@@ -24,15 +24,15 @@ from torch import Tensor, nn
 from loramux.core.engine.logprobs import prompt_logprobs
 from loramux.core.engine.prefix_cache import Block
 from loramux.core.engine.row import Row
-from loramux.core.lora.routing import RoutingPlan, build_plan, use_plan
+from loramux.core.lora.routing import build_plan, use_plan
 from loramux.core.model import kv_batch
 from loramux.core.model.kv_cache import GrowableCache, buffer_columns
 
 
 def prefill_rows(
     model: nn.Module, rows: Sequence[Row], reused: Sequence[Sequence[Block]], *, pad: int, device: torch.device
-) -> tuple[GrowableCache, Tensor, RoutingPlan, Tensor]:
-    """Prefill ``rows`` (their cached blocks in ``reused``) -> their cache, mask (N, S), plan, last logits (N, V).
+) -> tuple[GrowableCache, Tensor, Tensor]:
+    """Prefill ``rows`` (their cached blocks in ``reused``) -> their cache, mask (N, S), last logits (N, V).
     Rows asking for prompt logprobs must come with no blocks (every prompt position's logits are needed)."""
     lengths = [len(r.prompt_ids) for r in rows]
     cached = [sum(len(b.tokens) for b in blocks) for blocks in reused]
@@ -64,7 +64,7 @@ def prefill_rows(
         if row.request.prompt_logprobs:  # its whole prompt is the last len(prompt) new columns
             own = out.logits[i, width - len(row.prompt_ids) :]
             row.prompt_logprobs = prompt_logprobs(own, row.prompt_ids, row.top_logprobs)
-    return cache, mask, plan, out.logits[:, -1, :]
+    return cache, mask, out.logits[:, -1, :]
 
 
 def seeded_cache(reused: Sequence[Sequence[Block]], used: Sequence[int], *, columns: int, room: int) -> GrowableCache:

@@ -156,6 +156,12 @@ class GatheredLinear(Route):
             0.0,
         )
         self._workspace, self._name = workspace, name  # where its buffers come from and go back to, if any
+        in_features, out_features = ref.At.shape[0], ref.Bt.shape[1]
+        self._like: Buffers = (  # empty templates: the buffers' shapes past the row dimension, and dtype
+            self._zero.At.new_empty(0, in_features, self.r_max),
+            self._zero.Bt.new_empty(0, self.r_max, out_features),
+            self._zero.Bt.new_empty(0, 1, out_features) if self.has_bias else None,
+        )
         self._bufs: Buffers | None = None
         self.append(row_loras)
 
@@ -194,12 +200,7 @@ class GatheredLinear(Route):
         capacity = 0 if self._bufs is None else self._bufs[0].shape[0]
         if rows <= capacity:
             return
-        in_features, out_features = self._zero.At.shape[0], self._zero.Bt.shape[1]
-        like: Buffers = (
-            self._zero.At.new_empty(0, in_features, self.r_max),
-            self._zero.Bt.new_empty(0, self.r_max, out_features),
-            self._zero.Bt.new_empty(0, 1, out_features) if self.has_bias else None,
-        )
+        like = self._like
         if self._workspace is not None:
             grown = self._workspace.take(self._name, like, rows=rows)
         else:  # a new plan (a prefill's) gets exactly its rows; joins then double, so they seldom regrow

@@ -51,12 +51,9 @@ class RoutingWorkspace:
 
 
 def _fits(kept: Buffers, like: Sequence[Tensor | None], *, rows: int) -> bool:
-    return all(
-        (k is None) == (t is None)
-        and (
-            k is None
-            or t is None
-            or (k.shape[0] >= rows and k.shape[1:] == t.shape[1:] and k.dtype == t.dtype and k.device == t.device)
-        )
-        for k, t in zip(kept, like, strict=True)
-    )
+    def fits(k: Tensor | None, t: Tensor | None) -> bool:
+        if k is None or t is None:
+            return k is t
+        return k.shape[0] >= rows and k.shape[1:] == t.shape[1:] and k.dtype == t.dtype and k.device == t.device
+
+    return all(fits(k, t) for k, t in zip(kept, like, strict=True))

@@ -54,6 +54,21 @@ def test_compacted_plan_routes_like_a_fresh_plan(arch, fresh_model, make_adapter
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
+def mixed_adapter_weights(model, arch: str, make_adapter, *, seed: int, extra: dict | None = None) -> dict:
+    """Adapters whose routes differ (rank 4 with and without a LoRA bias, rank 16 with an embedding LoRA, and
+    ``extra``) loaded into ``model``: name -> weights, and None -> None (a base row)."""
+    manager = AdapterManager(model)
+    specs = {
+        "small": {"target_modules": [sfx(arch, "qkv"), sfx(arch, "down")], "r": 4},
+        "other": {"target_modules": [sfx(arch, "qkv")], "r": 4, "lora_bias": True},
+        "big": {"target_modules": [sfx(arch, "qkv"), "embed_tokens"], "r": 16},
+        **(extra or {}),
+    }
+    for i, (name, kwargs) in enumerate(specs.items()):
+        manager.load_adapter(str(make_adapter(arch, name, seed=seed + i, **kwargs)), name)
+    return {name: manager.acquire(name).weights for name in specs} | {None: None}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_extended_and_compacted_plans_route_like_fresh_plans(arch, fresh_model, make_adapter):
     """Rows join (in place where the route allows, rebuilt where not: a uniform route turning mixed, a larger
@@ -62,15 +77,7 @@ def test_extended_and_compacted_plans_route_like_fresh_plans(arch, fresh_model, 
     from loramux.core.lora.routing import build_plan, extend_plan
 
     model = fresh_model(arch)
-    manager = AdapterManager(model)
-    specs = {
-        "small": {"target_modules": [sfx(arch, "qkv"), sfx(arch, "down")], "r": 4},
-        "other": {"target_modules": [sfx(arch, "qkv")], "r": 4, "lora_bias": True},
-        "big": {"target_modules": [sfx(arch, "qkv"), "embed_tokens"], "r": 16},
-    }
-    for i, (name, kwargs) in enumerate(specs.items()):
-        manager.load_adapter(str(make_adapter(arch, name, seed=3100 + i, **kwargs)), name)
-    weights = {name: manager.acquire(name).weights for name in specs} | {None: None}
+    weights = mixed_adapter_weights(model, arch, make_adapter, seed=3100)
     ids = input_ids(12, seed=11)
     rows: list[str | None] = ["small", "small"]  # uniform to start with
     plan = build_plan([weights[r] for r in rows])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.core import AdapterManager
 from loramux.core.lora.routing import GatheredLinear, build_plan, extend_plan, swap_remove, use_plan
 from loramux.core.lora.workspace import RoutingWorkspace
 from tests.conftest import input_ids, sfx
+from tests.core.lora.test_routing import mixed_adapter_weights
 
 
 def _like(rows: int = 0, *, r: int = 4, bias: bool = False):
@@ -46,16 +46,8 @@ def test_plans_on_a_workspace_route_like_fresh_plans_and_reuse_its_memory(arch, 
     each change the plan routes exactly like a fresh one. Then the plan is dropped and the next batch's plan,
     other rows, leases the very same buffers and still routes like a fresh plan."""
     model = fresh_model(arch)
-    manager = AdapterManager(model)
-    specs = {
-        "small": {"target_modules": [sfx(arch, "qkv"), sfx(arch, "down")], "r": 4},
-        "other": {"target_modules": [sfx(arch, "qkv")], "r": 4, "lora_bias": True},
-        "big": {"target_modules": [sfx(arch, "qkv"), "embed_tokens"], "r": 16},
-        "fourth": {"target_modules": [sfx(arch, "qkv"), sfx(arch, "down")], "r": 16},
-    }
-    for i, (name, kwargs) in enumerate(specs.items()):
-        manager.load_adapter(str(make_adapter(arch, name, seed=3200 + i, **kwargs)), name)
-    weights = {name: manager.acquire(name).weights for name in specs} | {None: None}
+    fourth = {"fourth": {"target_modules": [sfx(arch, "qkv"), sfx(arch, "down")], "r": 16}}
+    weights = mixed_adapter_weights(model, arch, make_adapter, seed=3200, extra=fourth)
     ws = RoutingWorkspace(rows=12)
     ids = input_ids(12, seed=12)
 
