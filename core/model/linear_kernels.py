@@ -25,6 +25,7 @@ input is not a CPU fp32/bf16 tensor of at least two dimensions.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Final
@@ -43,7 +44,8 @@ class LinearKernel(enum.Enum):
     TORCH = "torch"  # torch's default: MKL's sgemm on x86, what transformers and PEFT run
 
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN may run; onednn_dtypes(): what it runs here
+_PROBE_TOLERANCE: Final = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # oneDNN picks the packed layout for about this many rows; 8 and 64 measured the same at every batch size
 _PACK_ROWS_HINT: Final = 32
 _PACKED: Final = "_onednn_packed"  # the __dict__ key of (weight key, packed weight)
@@ -68,8 +70,8 @@ class OneDnnLinear(nn.Linear):
         weight = self.weight
         if (
             input.device.type == "cpu"
-            and input.dtype in _ONEDNN_DTYPES
             and input.dtype == weight.dtype
+            and input.dtype in onednn_dtypes()
             and input.dim() >= 2
             and input.numel() > 0
             and not torch.is_grad_enabled()
@@ -80,7 +82,7 @@ class OneDnnLinear(nn.Linear):
     def prepack(self) -> None:
         """Pack now (at startup) rather than in the first request's forward, when the weight is one oneDNN runs."""
         weight = self.weight
-        if weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES:
+        if weight.device.type == "cpu" and weight.dtype in onednn_dtypes():
             with torch.no_grad():
                 self._packed_weight(weight)
 
@@ -99,18 +101,29 @@ class OneDnnLinear(nn.Linear):
 
 
 def onednn_works() -> bool:
-    """Whether this torch build has oneDNN's linear and it computes what F.linear computes."""
+    """Whether this torch build has oneDNN's linear and it computes what F.linear computes, in fp32."""
+    return torch.float32 in onednn_dtypes()
+
+
+@functools.cache
+def onednn_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose linear oneDNN runs on this CPU (plain and packed weight) as F.linear computes it; probed
+    once. bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: an AVX2-only CPU runs bf16 layers on F.linear."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
+        return frozenset()
+    return frozenset(dtype for dtype in _ONEDNN_DTYPES if _probe(dtype))
+
+
+def _probe(dtype: torch.dtype) -> bool:
     generator = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 8), (5, 8), (5,)))
+    x, w, b = (torch.randn(shape, generator=generator).to(dtype) for shape in ((3, 8), (5, 8), (5,)))
     try:
         with torch.no_grad():
             got = [_onednn_linear(x, weight, b) for weight in (w, _pack(w))]
-    except Exception:  # any failure of a private op means: do not use it
+    except Exception:  # any failure of a private op (this CPU lacks its instructions, say) means: do not use it
         return False
-    want = F.linear(x, w, b)
-    return all(g.shape == (3, 5) and torch.allclose(g, want, rtol=1e-5, atol=1e-5) for g in got)
+    want, tolerance = F.linear(x, w, b).float(), _PROBE_TOLERANCE[dtype]
+    return all(g.shape == (3, 5) and torch.allclose(g.float(), want, rtol=tolerance, atol=tolerance) for g in got)
 
 
 def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from loramux.core.model.linear_kernels import LinearKernel, OneDnnLinear, onednn_works, use_linear_kernel
+from loramux.core.model.linear_kernels import (
+    LinearKernel,
+    OneDnnLinear,
+    onednn_dtypes,
+    onednn_works,
+    use_linear_kernel,
+)
 from tests.conftest import bare_logits, build_base, input_ids
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN linear")
@@ -158,6 +164,9 @@ def test_weights_on_other_dtypes_are_not_packed() -> None:
     assert type(layer) is OneDnnLinear and _packed(layer) is None
 
 
+@pytest.mark.skipif(
+    torch.bfloat16 not in onednn_dtypes(), reason="this CPU's oneDNN has no bf16 linear (it needs AVX-512 BW/VL/DQ)"
+)
 @pytest.mark.parametrize("rows", [1, 8, 64, 300])
 def test_bf16_packed_forward_matches_linear(rows: int) -> None:
     """bf16 weights are packed too; any row count runs on the one packed weight."""
@@ -170,6 +179,21 @@ def test_bf16_packed_forward_matches_linear(rows: int) -> None:
         got, want = layer(x), reference(x)
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_where_onednn_cannot_run_it_stays_on_torchs_linear(monkeypatch) -> None:
+    """An AVX2-only CPU's oneDNN refuses bf16: such a layer is never packed and runs F.linear, unchanged."""
+    import loramux.core.model.linear_kernels as kernels
+
+    monkeypatch.setattr(kernels, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    layer = nn.Linear(64, 96).to(torch.bfloat16)
+    reference = copy.deepcopy(layer)
+    use_linear_kernel(layer, LinearKernel.ONEDNN)
+    assert type(layer) is OneDnnLinear and _packed(layer) is None
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference(x))
+    assert _packed(layer) is None
 
 
 def test_weights_too_large_for_the_memory_available_run_unpacked(monkeypatch, caplog) -> None:
