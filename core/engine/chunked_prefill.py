@@ -21,6 +21,7 @@ from loramux.core.engine.prefill import seeded_cache
 from loramux.core.engine.prefix_cache import Block
 from loramux.core.engine.row import Row
 from loramux.core.lora.routing import RoutingPlan, build_plan, use_plan
+from loramux.core.memory import BufferArena
 from loramux.core.model.kv_cache import GrowableCache
 
 
@@ -32,13 +33,15 @@ class ChunkedPrefill:
     done: int = 0  # prompt tokens already in the cache
 
     @classmethod
-    def after(cls, row: Row, blocks: Sequence[Block], *, room: int) -> ChunkedPrefill:
-        """The prefill of ``row``'s prompt after the cached ``blocks`` it starts with (none: from its start)."""
+    def after(cls, row: Row, blocks: Sequence[Block], *, room: int, arena: BufferArena | None = None) -> ChunkedPrefill:
+        """The prefill of ``row``'s prompt after the cached ``blocks`` it starts with (none: from its start), into
+        a cache whose buffers come from ``arena``."""
         plan = build_plan([row.weights])
         if not blocks:
-            return cls(row, plan=plan)
+            return cls(row, plan=plan, cache=GrowableCache(arena=arena))
         done = row.cached_prompt_tokens = sum(len(b.tokens) for b in blocks)
-        return cls(row, plan=plan, cache=seeded_cache([blocks], [done], columns=done, room=room), done=done)
+        cache = seeded_cache([blocks], [done], columns=done, room=room, arena=arena)
+        return cls(row, plan=plan, cache=cache, done=done)
 
     @property
     def finished(self) -> bool:

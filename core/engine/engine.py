@@ -11,7 +11,8 @@ Requests are validated before they are queued (``admission``); which waiting req
 the scheduler's decision (``scheduler``, no model needed). On its thread the engine first switches the
 model's linear layers to the configured GEMM (``loramux.core.model.linear_kernels``) and, for a model on
 SDPA, its decode attention to runs of similar-length rows (``loramux.core.model.ragged_attention``); its KV
-cache grows in place (``loramux.core.model.kv_cache``).
+cache grows in place (``loramux.core.model.kv_cache``), on pages an arena keeps from batch to batch
+(``loramux.core.memory.BufferArena``, bounded by the KV budget).
 """
 
 from __future__ import annotations
@@ -27,16 +28,15 @@ from loramux.core.adapters.manager import AdapterManager
 from loramux.core.engine.admission import Admission
 from loramux.core.engine.chunked_prefill import ChunkedPrefill
 from loramux.core.engine.config import EngineConfig
+from loramux.core.engine.emit import emit_tokens
 from loramux.core.engine.limits import EngineLimits, resolve_limits
 from loramux.core.engine.load import EngineLoad, engine_load
-from loramux.core.engine.logprobs import logprobs_of
-from loramux.core.engine.outputs import accept_token, eos_ids, finished_event
+from loramux.core.engine.outputs import eos_ids, finished_event
 from loramux.core.engine.prefill import prefill_rows
 from loramux.core.engine.prefix_cache import PrefixCache, PrefixStats
 from loramux.core.engine.prefix_reuse import RowPrefixes, split_by_reuse
-from loramux.core.engine.requests import EventChannel, GenerationRequest, TokenLogprob, deliver
+from loramux.core.engine.requests import EventChannel, GenerationRequest, deliver
 from loramux.core.engine.row import Row
-from loramux.core.engine.sampling import sample_next_tokens
 from loramux.core.engine.scheduler import Scheduler, StepAdmission
 from loramux.core.errors import (
     CapacityExceededError,
@@ -47,6 +47,7 @@ from loramux.core.errors import (
 )
 from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap_remove, use_plan
 from loramux.core.lora.workspace import RoutingWorkspace
+from loramux.core.memory import ArenaStats, BufferArena
 from loramux.core.model import kv_batch
 from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.linear_kernels import use_linear_kernel
@@ -181,6 +182,10 @@ class Engine:
     def prefix_stats(self) -> PrefixStats:
         return self._prefixes.cache.stats()
 
+    def kv_memory(self) -> ArenaStats:
+        """The KV arena's pieces lent now, and the pages it keeps resident (any thread)."""
+        return self._kv_arena.stats()
+
     def stop_accepting(self) -> None:
         self._accepting = False
 
@@ -202,6 +207,7 @@ class Engine:
             self.limits = resolve_limits(self.config, self.model, self.tokenizer)
             cache = PrefixCache(max_bytes=self.limits.prefix_cache_bytes, block_tokens=self.config.prefix_block_tokens)
             self._prefixes = RowPrefixes(cache)
+            self._kv_arena = BufferArena(max_bytes=self.limits.kv.max_bytes)  # KV pages kept between batches
         except BaseException as exc:  # the constructor raises it
             failed.append(exc)
             return
@@ -254,13 +260,16 @@ class Engine:
         if step.chunked is not None:
             with torch.no_grad():
                 blocks = self._prefixes.take(step.chunked)  # it starts after the part of it the cache holds
-                self._chunking = ChunkedPrefill.after(step.chunked, blocks, room=self.config.prefill_chunk_tokens)
+                room = self.config.prefill_chunk_tokens
+                self._chunking = ChunkedPrefill.after(step.chunked, blocks, room=room, arena=self._kv_arena)
         if not step.prefill:
             return
         try:
             with torch.no_grad():
                 for rows, reused in split_by_reuse(step.prefill, self._prefixes):
-                    cache, mask, logits = prefill_rows(self.model, rows, reused, pad=self._pad, device=self._device)
+                    cache, mask, logits = prefill_rows(
+                        self.model, rows, reused, pad=self._pad, device=self._device, arena=self._kv_arena
+                    )
                     self._join(rows, cache, mask, logits)
         except Exception:
             log.exception("prefill failed")
@@ -333,20 +342,7 @@ class Engine:
         self._emit(rows, out.logits[:, -1, :])
 
     def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
-        """Sample one token per row (N, V) -> events; marks rows that finished."""
-        tokens = sample_next_tokens(logits.float(), [r.sampler for r in rows]).tolist()
-        asking = [i for i, r in enumerate(rows) if r.request.logprobs]
-        logprobs: list[TokenLogprob | None] = [None] * len(rows)
-        if asking:  # before any sampling setting: the raw logits' log_softmax
-            found = logprobs_of(logits[asking], [tokens[i] for i in asking], [rows[i].top_logprobs for i in asking])
-            for i, entry in zip(asking, found, strict=True):
-                logprobs[i] = entry
-        events = [
-            (row.channel, delta)
-            for row, token, lp in zip(rows, tokens, logprobs, strict=True)
-            if (delta := accept_token(row, token, eos=self._eos, logprob=lp))
-        ]
-        deliver(events)
+        emit_tokens(rows, logits, eos=self._eos)
 
     def _drop_finished(self) -> None:
         """Rows that finished or were cancelled leave; the last rows fill their places (swap_remove), so the

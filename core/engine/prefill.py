@@ -25,15 +25,23 @@ from loramux.core.engine.logprobs import prompt_logprobs
 from loramux.core.engine.prefix_cache import Block
 from loramux.core.engine.row import Row
 from loramux.core.lora.routing import build_plan, use_plan
+from loramux.core.memory import BufferArena
 from loramux.core.model import kv_batch
 from loramux.core.model.kv_cache import GrowableCache, buffer_columns
 
 
 def prefill_rows(
-    model: nn.Module, rows: Sequence[Row], reused: Sequence[Sequence[Block]], *, pad: int, device: torch.device
+    model: nn.Module,
+    rows: Sequence[Row],
+    reused: Sequence[Sequence[Block]],
+    *,
+    pad: int,
+    device: torch.device,
+    arena: BufferArena | None = None,
 ) -> tuple[GrowableCache, Tensor, Tensor]:
-    """Prefill ``rows`` (their cached blocks in ``reused``) -> their cache, mask (N, S), last logits (N, V).
-    Rows asking for prompt logprobs must come with no blocks (every prompt position's logits are needed)."""
+    """Prefill ``rows`` (their cached blocks in ``reused``) -> their cache (its buffers from ``arena``), mask (N, S),
+    last logits (N, V). Rows asking for prompt logprobs must come with no blocks (every prompt position's logits
+    are needed)."""
     lengths = [len(r.prompt_ids) for r in rows]
     cached = [sum(len(b.tokens) for b in blocks) for blocks in reused]
     width = max(n - c for n, c in zip(lengths, cached, strict=True))  # new columns W
@@ -48,7 +56,7 @@ def prefill_rows(
     mask = torch.cat([past_mask, new_mask], dim=1)  # (N, P + W)
     for row, u in zip(rows, used, strict=True):
         row.cached_prompt_tokens = u
-    cache = seeded_cache(reused, used, columns=past, room=width) if past else GrowableCache()
+    cache = seeded_cache(reused, used, columns=past, room=width, arena=arena) if past else GrowableCache(arena=arena)
     plan = build_plan([r.weights for r in rows])
     every = any(r.request.prompt_logprobs for r in rows)  # every position's logits, only when asked
     with use_plan(plan):
@@ -67,17 +75,20 @@ def prefill_rows(
     return cache, mask, out.logits[:, -1, :]
 
 
-def seeded_cache(reused: Sequence[Sequence[Block]], used: Sequence[int], *, columns: int, room: int) -> GrowableCache:
+def seeded_cache(
+    reused: Sequence[Sequence[Block]], used: Sequence[int], *, columns: int, room: int, arena: BufferArena | None = None
+) -> GrowableCache:
     """A cache of len(used) rows whose first ``columns`` columns hold, right-aligned, the first used[i] tokens of
     row i's blocks (zeros before them), with room for ``room`` more columns."""
     template = next(blocks[0] for blocks in reused if blocks)
     rows, capacity, size = len(used), buffer_columns(columns + room), len(template.tokens)
+    empty = arena.empty if arena is not None else torch.empty
     buffers = []
     for layer, keys in enumerate(template.keys):
         heads, _, dim = keys.shape
         pair = []
         for part in ("keys", "values"):
-            buffer = torch.empty((rows, heads, capacity, dim), dtype=keys.dtype, device=keys.device)
+            buffer = empty((rows, heads, capacity, dim), dtype=keys.dtype, device=keys.device)
             for i, (blocks, n) in enumerate(zip(reused, used, strict=True)):
                 buffer[i, :, : columns - n].zero_()  # padding is masked, but must be finite (0 x NaN is NaN)
                 whole, rest = divmod(n, size)
@@ -88,4 +99,4 @@ def seeded_cache(reused: Sequence[Sequence[Block]], used: Sequence[int], *, colu
                     buffer[i, :, columns - rest : columns].copy_(getattr(blocks[whole], part)[layer][:, :rest])
             pair.append(buffer)
         buffers.append((pair[0], pair[1]))
-    return GrowableCache.adopting(buffers, rows=rows, length=columns)
+    return GrowableCache.adopting(buffers, rows=rows, length=columns, arena=arena)

@@ -67,8 +67,8 @@ def merge(cache_a: DynamicCache, mask_a: Tensor, cache_b: DynamicCache, mask_b: 
         if keys_a.shape[-2] == mask_a.shape[1] and layer_a.append_rows(keys_b, values_b):
             continue
         layer_a.adopt(
-            left_padded_buffer([keys_a, keys_b], width),
-            left_padded_buffer([values_a, values_b], width),
+            left_padded_buffer([keys_a, keys_b], width, arena=layer_a.arena),
+            left_padded_buffer([values_a, values_b], width, arena=layer_a.arena),
             rows=rows,
             length=width,
         )

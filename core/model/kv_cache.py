@@ -10,13 +10,15 @@ and leading all-padding columns are dropped by moving a start offset); rows join
 the buffers have (``append_rows``: the room rows that left keep), else once into a new buffer with room to
 grow (``left_padded_buffer`` + ``adopt``). ``keys``/``values`` stay the layer's
 source of truth, as in ``DynamicLayer``: code that replaces them (transformers' ``crop`` or beam reordering)
-simply makes the next update move them into a fresh buffer. The buffers a batch regrows or rebuilds into are
-mappings of their own (``loramux.core.memory``): its old buffers go back to the system, not into heap holes.
+simply makes the next update move them into a fresh buffer. A cache given a ``BufferArena`` takes every buffer
+from it (``loramux.core.memory``: the engine's, so a batch reuses the pages of the one before); without one,
+the buffers a batch regrows or rebuilds into are mappings of their own, and a prefill's first is the heap's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from loramux.core.memory import mapped_empty
+from loramux.core.memory import BufferArena, mapped_empty
 
 MIN_SPARE = 32  # tokens of room added when a buffer grows
 
@@ -40,8 +42,9 @@ class GrowableLayer(DynamicLayer):
     (R, H, capacity, D) with room to grow; ``kv_batch`` uses ``keep_rows`` and ``adopt`` for rows leaving and
     joining the batch without copying the rows that stay."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, arena: BufferArena | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.arena = arena  # where its buffers come from (None: mapped_empty / torch.empty)
         self._key_buffer: Tensor | None = None
         self._value_buffer: Tensor | None = None
         self._start = 0  # first buffer column in use
@@ -155,8 +158,8 @@ class GrowableLayer(DynamicLayer):
         return True
 
     def _regrow(self, key_states: Tensor, value_states: Tensor, length: int, capacity: int) -> None:
-        self._key_buffer = _buffer_with(self.keys, key_states, length, capacity)
-        self._value_buffer = _buffer_with(self.values, value_states, length, capacity)
+        self._key_buffer = _buffer_with(self.keys, key_states, length, capacity, arena=self.arena)
+        self._value_buffer = _buffer_with(self.values, value_states, length, capacity, arena=self.arena)
         self._start = 0
 
     def allocated_bytes(self) -> int:
@@ -171,10 +174,13 @@ class GrowableLayer(DynamicLayer):
         super().reset()
 
 
-def _buffer_with(current: Tensor | None, states: Tensor, length: int, capacity: int) -> Tensor:
+def _buffer_with(
+    current: Tensor | None, states: Tensor, length: int, capacity: int, *, arena: BufferArena | None
+) -> Tensor:
     """A new (N, H, capacity, D) buffer holding ``current``'s first ``length`` tokens."""
     rows, heads, _, dim = states.shape
-    empty = mapped_empty if length else torch.empty  # a batch regrowing: mapped; a prefill's first: the heap's
+    # without an arena, a batch regrowing: mapped; a prefill's first: the heap's (reused warm)
+    empty = arena.empty if arena is not None else mapped_empty if length else torch.empty
     buffer = empty((rows, heads, capacity, dim), dtype=states.dtype, device=states.device)
     if length:
         assert current is not None
@@ -182,12 +188,13 @@ def _buffer_with(current: Tensor | None, states: Tensor, length: int, capacity: 
     return buffer
 
 
-def left_padded_buffer(parts: Sequence[Tensor], width: int) -> Tensor:
+def left_padded_buffer(parts: Sequence[Tensor], width: int, *, arena: BufferArena | None = None) -> Tensor:
     """The rows of each part (n_i, H, S_i, D), right-aligned at ``width`` with zeros on the left, stacked in
     one new buffer (sum n_i, H, capacity, D) with room to grow: one copy of each part."""
     first = parts[0]
     rows, heads, dim = sum(p.shape[0] for p in parts), first.shape[1], first.shape[3]
-    buffer = mapped_empty((rows, heads, buffer_columns(width), dim), dtype=first.dtype, device=first.device)
+    empty = arena.empty if arena is not None else mapped_empty
+    buffer = empty((rows, heads, buffer_columns(width), dim), dtype=first.dtype, device=first.device)
     row = 0
     for part in parts:
         n, pad = part.shape[0], width - part.shape[2]
@@ -200,17 +207,20 @@ def left_padded_buffer(parts: Sequence[Tensor], width: int) -> Tensor:
 class GrowableCache(DynamicCache):
     """A DynamicCache of GrowableLayers (created lazily, one per attention layer, like DynamicCache's own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, arena: BufferArena | None = None) -> None:
         super().__init__()
-        self.layer_class_to_replicate = GrowableLayer
+        self.arena = arena
+        self.layer_class_to_replicate = partial(GrowableLayer, arena=arena)  # type: ignore[assignment]
 
     @classmethod
-    def adopting(cls, buffers: Sequence[tuple[Tensor, Tensor]], *, rows: int, length: int) -> GrowableCache:
+    def adopting(
+        cls, buffers: Sequence[tuple[Tensor, Tensor]], *, rows: int, length: int, arena: BufferArena | None = None
+    ) -> GrowableCache:
         """A cache whose layers take over these (keys, values) buffers (R, H, capacity, D), one pair per layer,
         the first ``length`` columns of the first ``rows`` rows holding states already (a cached prefix)."""
-        cache = cls()
+        cache = cls(arena=arena)
         for key_buffer, value_buffer in buffers:
-            layer = GrowableLayer()
+            layer = GrowableLayer(arena=arena)
             layer.lazy_initialization(key_buffer, value_buffer)
             layer.adopt(key_buffer, value_buffer, rows=rows, length=length)
             cache.layers.append(layer)

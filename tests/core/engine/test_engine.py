@@ -22,6 +22,7 @@ from loramux.core import (
     LinearKernel,
     SamplingParams,
     TokenDelta,
+    memory,
 )
 from loramux.core.engine.config import LIMITS
 from loramux.core.errors import (
@@ -32,6 +33,7 @@ from loramux.core.errors import (
     ShuttingDownError,
 )
 from tests.generation_fixtures import VOCAB, collect
+from tests.service.harness import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -448,3 +450,29 @@ def test_the_next_batch_routes_on_the_buffers_the_last_one_gave_back(engine, pef
         if first_kept:  # the second batch: every module's stacks are the memory the first one gave back
             assert kept == first_kept
         first_kept = kept
+
+
+def test_the_next_batch_keeps_its_kv_on_the_pages_the_last_one_used(
+    monkeypatch, base_model, tokenizer, adapter_dirs, peft_model
+):
+    """Every KV buffer comes from the engine's arena and goes back when the batch empties: a second batch of
+    the same requests lands on the same pages (the arena's high-water mark stays) and still equals PEFT."""
+    monkeypatch.setattr(memory, "MIN_MAPPED_BYTES", 1)  # the tiny model's KV buffers are a few KiB each
+    engine = make_engine(base_model, tokenizer, adapter_dirs)
+    try:
+        touched = []
+        for _ in range(2):
+            channels = [
+                engine.submit(GenerationRequest(prompt=p, adapter=c, max_new_tokens=6, ignore_eos=True))
+                for p, c in zip(PROMPTS, CHOICES, strict=True)
+            ]
+            for prompt, choice, channel in zip(PROMPTS, CHOICES, channels, strict=True):
+                name = None if choice is AdapterSelection.BASE else choice
+                assert collect(channel)[0] == peft_greedy(peft_model, prompt, name, 6)
+            wait_until(lambda: engine.kv_memory().lent_bytes == 0, what="the batch's KV back in the arena")
+            stats = engine.kv_memory()
+            assert stats.lent > 0 and stats.overflowed == 0
+            touched.append(stats.touched_bytes)
+        assert touched[1] == touched[0] > 0
+    finally:
+        engine.close()
