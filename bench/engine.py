@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import os
 import statistics
 import tempfile
 import threading
@@ -23,7 +24,7 @@ from typing import TypeVar
 import torch
 
 from bench import roofline
-from bench.common import bpe_tokenizer, clone_adapters, llama_512, make_adapters
+from bench.common import bpe_tokenizer, clone_adapters, cpu_model, llama_512, make_adapters
 from loramux.core import AdapterManager, AdapterSelection, Engine, EngineConfig, GenerationRequest, TokenDelta
 from loramux.core.model.linear_kernels import LinearKernel
 
@@ -98,7 +99,7 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
 
 
 def engine_with(
-    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: LinearKernel = LinearKernel.ONEDNN
+    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: LinearKernel = LinearKernel.AUTO
 ) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
@@ -130,7 +131,7 @@ def engine_case(
     paths: list[Path],
     pick: Callable[[list[str]], list],
     *,
-    kernel: LinearKernel = LinearKernel.ONEDNN,
+    kernel: LinearKernel = LinearKernel.AUTO,
     **extra: object,
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
@@ -151,6 +152,19 @@ def engine_case(
             engine.close()
 
     return run
+
+
+def report_kernel_choice(base, tokenizer) -> None:
+    """What ``--linear-kernel auto`` (the engines' default here) measures and chooses on this machine: one
+    engine's start, as every engine of the bench makes its own (the choice can differ by noise at a near-tie)."""
+    engine, _ = engine_with(base, tokenizer, [], max_rows=64)
+    try:
+        choice = engine.kernel_choice
+    finally:
+        engine.close()
+    print(f"== linear kernels, --linear-kernel auto: {choice.summary if choice else engine.linear_kernel.value}")
+    if choice is not None:
+        print(choice.describe())
 
 
 def measure(cases: dict[str, Callable[[], float]]) -> dict[str, float]:
@@ -187,6 +201,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         s = in_fresh_thread(lambda: setup(Path(tmp)))  # the main thread never runs torch ops
         base, tok = s["base"], s["tokenizer"]
+        print(f"== bench.engine on {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+        in_fresh_thread(lambda: report_kernel_choice(base, tok))
         tput = measure(
             {
                 "engine 8 distinct adapters": engine_case(base, tok, s["paths"], lambda names: names),
@@ -196,6 +212,9 @@ def main() -> None:
                 "engine no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS),
                 "engine no adapters, torch GEMM (MKL)": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.TORCH
+                ),
+                "engine no adapters, oneDNN GEMM": engine_case(
+                    base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.ONEDNN
                 ),
                 "transformers generate": hf_generate(base),
                 "peft mixed-batch generate": hf_generate(s["peft"], adapter_names=s["names"]),
@@ -228,7 +247,12 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
     ours, bare = tput["engine 8 distinct adapters"], tput["engine no adapters"]
     ratios = [
         ("8 distinct adapters vs engine without adapters", ours / bare, 0.85),
-        ("engine without adapters vs transformers generate", bare / tput["transformers generate"], 1.0),
+        ("engine without adapters vs transformers generate", bare / tput["transformers generate"], 1.3),
+        (
+            "kernel auto vs the faster fixed kernel (no adapters)",
+            bare / max(tput["engine no adapters, torch GEMM (MKL)"], tput["engine no adapters, oneDNN GEMM"]),
+            0.95,
+        ),
         ("8 distinct adapters vs peft mixed-batch generate", ours / tput["peft mixed-batch generate"], 3.5),
         ("8 distinct adapters vs peft sequential", ours / tput["peft sequential set_adapter+generate"], 6.0),
         (

@@ -5,20 +5,17 @@ to 32 MiB) each time a mapped block is freed. After the first few frees, adapter
 adapter), KV cache buffers and the like all come from the heap, interleaved with everything else, and a
 server that loads and evicts adapters all day keeps the freed ones resident as holes it cannot return.
 `make bench-scale` measured it (AMD EPYC, glibc's mallinfo2 at the peak): 555 MiB free inside a 1,368 MiB
-heap, and peak RSS 34-45 % over base + adapter budget. The buffers that come and go with adapters and batches
-are mapped here instead: adapters' weights, and the KV buffers a running batch regrows or rebuilds. The
-price is a page fault per 4 KiB of a new mapping, where a heap block freed earlier is reused warm: a
-prefill's own KV and the prefix cache's seeded buffers measured 108 -> 290-330 ms per 8 rows x 1,056
-tokens mapped (bench.prefix), so those, like everything else (the model's weights, per-step temporaries,
-gRPC's message buffers), keep the allocator's own policy.
+heap, and peak RSS 34-45 % over base + adapter budget. Adapters' weights, which come and go with loads and
+evictions, are mapped here instead (``mapped_empty``); the price is a page fault per 4 KiB of each new
+mapping. Everything else (the model's weights, per-step temporaries, gRPC's message buffers) keeps the
+allocator's own policy.
 
-A ``BufferArena`` is one mapping that buffers are carved from and given back to, so that its pages, once
-faulted in, serve buffer after buffer. The engine's KV cache draws from one bounded by the KV budget: a
-batch's keys and values land on the pages earlier batches used, whatever their shapes. A new page is dear
-here: on the Firecracker VMs this project runs on, memory given back to the system is handed to the host
-(free page reporting) and its next first touch costs several microseconds per 4 KiB (bench.prefix: seeding
-8 rows x 1,072 cached tokens took 640-790 ms into new pages, 72-85 ms into pages used before). vLLM and TGI
-keep their KV memory allocated for the whole run for the same reason.
+KV buffers come and go with every batch, and a new page is dear: on the Firecracker VMs this project runs
+on, memory given back to the system goes to the host (free page reporting), and its next first touch costs
+several microseconds per 4 KiB (bench.prefix: seeding 8 rows x 1,072 cached tokens took 640-790 ms into new
+pages, 72-85 ms into pages used before). A ``BufferArena`` is one mapping that buffers are carved from and
+given back to, so its pages, once faulted in, serve buffer after buffer whatever their shapes; the engine's
+KV cache draws from one bounded by the KV budget (vLLM and TGI keep their KV memory for the whole run too).
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         choices=[k.value for k in LinearKernel],
         default=kernel,
         help=(
-            "GEMM for the model's linear layers on CPU; onednn keeps a packed copy of each linear weight "
+            "GEMM for the model's linear layers on CPU: auto times both on the model's shapes at startup and "
+            "runs each layer, at each row count, on the faster; onednn keeps a packed copy of each linear weight "
             f"(one more copy of their memory); torch: MKL, as transformers and PEFT (default {kernel})"
         ),
     )

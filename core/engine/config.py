@@ -29,7 +29,7 @@ class EngineConfig:
     # (chunked_prefill.py), so running streams do not stall behind it.
     prefill_chunk_tokens: int = 512
     # GEMM for the model's nn.Linear layers on CPU (loramux.core.model.linear_kernels).
-    linear_kernel: LinearKernel = LinearKernel.ONEDNN
+    linear_kernel: LinearKernel = LinearKernel.AUTO
     # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
     # (loramux.core.model.ragged_attention); False keeps one SDPA call over the whole padded width.
     ragged_attention: bool = True

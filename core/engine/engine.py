@@ -9,9 +9,9 @@ they leave (``prefix_reuse``).
 
 Requests are validated before they are queued (``admission``); which waiting requests join at a step is
 the scheduler's decision (``scheduler``, no model needed). On its thread the engine first switches the
-model's linear layers to the configured GEMM (``loramux.core.model.linear_kernels``) and, for a model on
-SDPA, its decode attention to runs of similar-length rows (``loramux.core.model.ragged_attention``); its KV
-cache grows in place (``loramux.core.model.kv_cache``), on pages an arena keeps from batch to batch
+model's linear layers to the configured GEMM (``model.linear_kernels``; auto: timed here, ``kernel_choice``)
+and, for a model on SDPA, its decode attention to runs of similar-length rows (``model.ragged_attention``);
+its KV cache grows in place (``model.kv_cache``), on pages an arena keeps from batch to batch
 (``loramux.core.memory.BufferArena``, bounded by the KV budget).
 """
 
@@ -49,8 +49,8 @@ from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap
 from loramux.core.lora.workspace import RoutingWorkspace
 from loramux.core.memory import ArenaStats, BufferArena
 from loramux.core.model import kv_batch
+from loramux.core.model.kernel_choice import KernelChoice, start_linear_kernels
 from loramux.core.model.kv_cache import GrowableCache
-from loramux.core.model.linear_kernels import use_linear_kernel
 from loramux.core.model.ragged_attention import SEGMENTS_KWARG, decode_segments, use_ragged_attention
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class Engine:
         self._ragged = False  # decode attention skips rows' left padding (loramux.core.model.ragged_attention)
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
+        self.kernel_choice: KernelChoice | None = None  # what --linear-kernel auto measured
         ready, failed = threading.Event(), list[BaseException]()
         self._thread = threading.Thread(target=self._run, args=(ready, failed), name="loramux-engine", daemon=True)
         self._thread.start()
@@ -202,7 +203,9 @@ class Engine:
 
     def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
         try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
-            self.linear_kernel = use_linear_kernel(self.model, self.config.linear_kernel)
+            config = self.config  # auto times the kernels at the batch's and a prefill chunk's row counts
+            rows = {"max_batch_rows": config.max_batch_rows, "prefill_rows": config.prefill_chunk_tokens}
+            self.linear_kernel, self.kernel_choice = start_linear_kernels(self.model, config.linear_kernel, **rows)
             self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
             self.limits = resolve_limits(self.config, self.model, self.tokenizer)
             cache = PrefixCache(max_bytes=self.limits.prefix_cache_bytes, block_tokens=self.config.prefix_block_tokens)

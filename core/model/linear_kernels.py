@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 class LinearKernel(enum.Enum):
     """The GEMM behind the model's nn.Linear layers on CPU."""
 
+    AUTO = "auto"  # each layer, at each row count, on whichever of the two was faster here (kernel_choice.py)
     ONEDNN = "onednn"  # oneDNN's JIT kernels, weights packed once (OneDnnLinear)
     TORCH = "torch"  # torch's default: MKL's sgemm on x86, what transformers and PEFT run
 
@@ -56,6 +57,9 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+onednn_linear_packed = _onednn_linear  # for kernel_choice's timings
+
+
 def _pack(weight: Tensor) -> Tensor:
     """weight (out, in) reordered into oneDNN's blocked layout: an opaque tensor only oneDNN ops can read."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
@@ -65,6 +69,9 @@ class OneDnnLinear(nn.Linear):
     """nn.Linear whose inference forward on CPU runs oneDNN's GEMM (see the module docstring)."""
 
     packs = True  # keep a packed copy of the weight; set False on an instance to run on the plain weight
+    # --linear-kernel auto: (rows, oneDNN faster) by rows, measured here; a call of r rows follows the first
+    # entry with rows >= r (the last beyond). None: oneDNN at every row count
+    onednn_rows: tuple[tuple[int, bool], ...] | None = None
 
     def forward(self, input: Tensor) -> Tensor:
         weight = self.weight
@@ -75,9 +82,28 @@ class OneDnnLinear(nn.Linear):
             and input.dim() >= 2
             and input.numel() > 0
             and not torch.is_grad_enabled()
+            and self._onednn_at(input.numel() // input.shape[-1])
         ):
             return _onednn_linear(input, self._packed_weight(weight) if self.packs else weight, self.bias)
         return F.linear(input, weight, self.bias)
+
+    def _onednn_at(self, rows: int) -> bool:
+        table = self.onednn_rows
+        if table is None:
+            return True
+        for measured, faster in table:
+            if rows <= measured:
+                return faster
+        return table[-1][1]
+
+    def packed_weight(self) -> Tensor:
+        """The weight oneDNN runs on: packed (built now if need be) unless this layer runs the plain one."""
+        return self._packed_weight(self.weight) if self.packs else self.weight
+
+    def drop_packed(self) -> None:
+        """This layer never runs oneDNN (auto found torch faster at every row count): no packed copy."""
+        self.__dict__.pop(_PACKED, None)
+        self.packs = False
 
     def prepack(self) -> None:
         """Pack now (at startup) rather than in the first request's forward, when the weight is one oneDNN runs."""
@@ -131,6 +157,8 @@ def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
     asked for but this build lacks it (logged). Subclasses of nn.Linear are left alone."""
     if not isinstance(kernel, LinearKernel):
         raise TypeError(f"kernel must be a LinearKernel (got {kernel!r})")
+    if kernel is LinearKernel.AUTO:
+        raise ValueError("LinearKernel.AUTO is measured and applied by kernel_choice.start_linear_kernels")
     if kernel is LinearKernel.ONEDNN and not onednn_works():
         log.warning("oneDNN linear is not available in this torch build; using torch's default GEMM")
         kernel = LinearKernel.TORCH
@@ -142,6 +170,7 @@ def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
         module.__class__ = target
         module.__dict__.pop(_PACKED, None)  # a kernel change frees the packed copies
         module.__dict__.pop("packs", None)
+        module.__dict__.pop("onednn_rows", None)
         if isinstance(module, OneDnnLinear):
             module.packs = packs
             if packs:
