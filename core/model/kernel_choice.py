@@ -30,7 +30,7 @@ from loramux.core.model.linear_kernels import (
     LinearKernel,
     OneDnnLinear,
     onednn_dtypes,
-    onednn_linear_packed,
+    plain_linears,
     use_linear_kernel,
 )
 
@@ -111,7 +111,7 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
     oneDNN runs here), switch the model to OneDnnLinear with each layer's per-rows table; returns what was
     measured, or None (every layer left on torch's GEMM) when oneDNN runs none of them."""
     time_one = timer or _time_kernel
-    layers = [m for m in model.modules() if type(m) in (nn.Linear, OneDnnLinear)]
+    layers = plain_linears(model)
     candidates = [m for m in layers if m.weight.device.type == "cpu" and m.weight.dtype in onednn_dtypes()]
     if not candidates:
         use_linear_kernel(model, LinearKernel.TORCH)
@@ -144,12 +144,11 @@ def _shape(module: nn.Linear) -> Shape:
 
 def _time_kernel(kernel: LinearKernel, module: nn.Linear, rows: int) -> float:
     x = torch.randn(rows, module.in_features, dtype=module.weight.dtype)
-    if kernel is LinearKernel.ONEDNN:
-        assert isinstance(module, OneDnnLinear)
-        weight, bias = module.packed_weight(), module.bias
+    if kernel is LinearKernel.ONEDNN:  # the layer's own forward: no table yet, so oneDNN at every row count
+        assert isinstance(module, OneDnnLinear) and module.onednn_rows is None
 
         def run() -> Tensor:
-            return onednn_linear_packed(x, weight, bias)
+            return module(x)
     else:
 
         def run() -> Tensor:

@@ -57,9 +57,6 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-onednn_linear_packed = _onednn_linear  # for kernel_choice's timings
-
-
 def _pack(weight: Tensor) -> Tensor:
     """weight (out, in) reordered into oneDNN's blocked layout: an opaque tensor only oneDNN ops can read."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
@@ -95,10 +92,6 @@ class OneDnnLinear(nn.Linear):
             if rows <= measured:
                 return faster
         return table[-1][1]
-
-    def packed_weight(self) -> Tensor:
-        """The weight oneDNN runs on: packed (built now if need be) unless this layer runs the plain one."""
-        return self._packed_weight(self.weight) if self.packs else self.weight
 
     def drop_packed(self) -> None:
         """This layer never runs oneDNN (auto found torch faster at every row count): no packed copy."""
@@ -163,19 +156,25 @@ def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
         log.warning("oneDNN linear is not available in this torch build; using torch's default GEMM")
         kernel = LinearKernel.TORCH
     onednn = kernel is LinearKernel.ONEDNN
-    source, target = (nn.Linear, OneDnnLinear) if onednn else (OneDnnLinear, nn.Linear)
-    switched = [m for m in model.modules() if type(m) is source]
-    packs = onednn and _packed_copies_fit(switched)
-    for module in switched:
-        module.__class__ = target
-        module.__dict__.pop(_PACKED, None)  # a kernel change frees the packed copies
+    switched = plain_linears(model)
+    for module in switched:  # every one starts afresh: no packed copy, nor what an earlier auto chose
+        module.__dict__.pop(_PACKED, None)
         module.__dict__.pop("packs", None)
         module.__dict__.pop("onednn_rows", None)
+    packs = onednn and _packed_copies_fit(switched)
+    for module in switched:
+        module.__class__ = OneDnnLinear if onednn else nn.Linear
         if isinstance(module, OneDnnLinear):
             module.packs = packs
             if packs:
                 module.prepack()
     return kernel
+
+
+def plain_linears(model: nn.Module) -> list[nn.Linear]:
+    """The model's plain nn.Linear layers, those this module switched to OneDnnLinear included (subclasses of
+    nn.Linear are someone else's: left alone)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and type(m) in (nn.Linear, OneDnnLinear)]
 
 
 def _packed_copies_fit(modules: Sequence[nn.Module]) -> bool:

@@ -89,6 +89,14 @@ def test_an_explicit_kernel_clears_the_auto_table():
         use_linear_kernel(model, LinearKernel.AUTO)
 
 
+def test_onednn_straight_after_auto_runs_every_layer_on_onednn():
+    model = two_shapes()
+    timer, _ = fake_timer({32: 8, 48: 0})
+    choose_kernels(model, rows=(1, 8), timer=timer)
+    use_linear_kernel(model, LinearKernel.ONEDNN)  # no TORCH between: the layers are OneDnnLinear already
+    assert all(type(m) is OneDnnLinear and m.onednn_rows is None and m.packs for m in (model[0], model[2]))
+
+
 def test_without_a_dtype_onednn_runs_auto_leaves_every_layer_on_torch(monkeypatch):
     monkeypatch.setattr("loramux.core.model.kernel_choice.onednn_dtypes", lambda: frozenset())
     model = two_shapes()
