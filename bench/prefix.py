@@ -126,11 +126,13 @@ def main() -> None:
         f"{ADAPTERS} adapters, a {SYSTEM}-token system prompt each, {QUESTION}-token questions, {NEW} new tokens, "
         f"{IN_FLIGHT} in flight; shared: {REQUESTS} requests; multi-turn: {ADAPTERS} conversations x {TURNS} turns"
     )
-    base, tokenizer = llama_512(max_positions=2048), bpe_tokenizer(VOCAB)
+    # every torch op on threads that end: a live OpenMP pool on this main thread beside the engine's made
+    # its decode steps ~30 % slower on 2 cores (BENCHMARKS.md, session 8)
+    base, tokenizer = in_fresh_thread(lambda: (llama_512(max_positions=2048), bpe_tokenizer(VOCAB)))
     rng = random.Random(7)
     systems = [tokens(rng, SYSTEM) for _ in range(ADAPTERS)]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_adapters(base, Path(tmp), count=ADAPTERS)
+        paths = in_fresh_thread(lambda: make_adapters(base, Path(tmp), count=ADAPTERS))
         results: dict[bool, list[dict]] = {True: [], False: []}
         for r in range(ROUNDS):
             for cache in (True, False):

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.common import PROJECTIONS, bpe_tokenizer, cpu_model, llama_512, make_adapters
+from bench.engine import in_fresh_thread
 from loramux.core import AdapterManager, Engine, EngineConfig, GenerationRequest, TokenDelta
 from loramux.core.adapters.on_demand import OnDemand
 
@@ -138,33 +139,21 @@ async def closed_loop(engine: Engine, names: list[str], tokens: list[list[int]])
 def run_case(case: str, root: Path) -> dict:
     """One case in this (fresh) process; the result as a JSON-able dict."""
     torch.set_num_threads(2)
-    from transformers import AutoTokenizer
-
-    model, tokenizer = llama_512(), AutoTokenizer.from_pretrained(root.parent / "tokenizer")
+    # every torch op on threads that end (bench.engine.in_fresh_thread): a live OpenMP pool on this main
+    # thread beside the engine's made its decode steps ~30 % slower on 2 cores (BENCHMARKS.md, session 8)
     names = sequence()
-    if case == "budget":
-        on_demand = OnDemand(roots=[root], allow_hub=False)
-        manager = AdapterManager(model, max_adapters=BUDGET, on_demand=on_demand)
-    else:
-        touched = sorted(set(names))
-        manager = AdapterManager(model, max_adapters=len(touched) + WARM_ADAPTERS)
-        for name in touched:
-            manager.load_adapter(str(root / name), name)
-    engine = Engine(
-        model, tokenizer, manager, EngineConfig(max_batch_rows=IN_FLIGHT, max_queued=REQUESTS, prefix_cache_bytes=0)
-    )
+    engine, manager = in_fresh_thread(lambda: build(case, root, names))
     try:
         warm = [f"a{N_ADAPTERS + i:04d}" for i in range(WARM_ADAPTERS)]
-        for name in warm:
-            manager.load_adapter(str(root / name), name)
-        asyncio.run(closed_loop(engine, warm, prompts(WARM_ADAPTERS, seed=1)))
-        for name in warm:
-            manager.unload_adapter(name)
+        in_fresh_thread(lambda: [manager.load_adapter(str(root / name), name) for name in warm])
+        asyncio.run(closed_loop(engine, warm, in_fresh_thread(lambda: prompts(WARM_ADAPTERS, seed=1))))
+        in_fresh_thread(lambda: [manager.unload_adapter(name) for name in warm])
         settle(engine)
         base_rss = rss("VmRSS")
         reset_peak_rss()
         hits0, misses0 = manager.stats.hits, manager.stats.misses
-        seconds, ttfts = asyncio.run(closed_loop(engine, names, prompts(REQUESTS, seed=2)))
+        tokens = in_fresh_thread(lambda: prompts(REQUESTS, seed=2))
+        seconds, ttfts = asyncio.run(closed_loop(engine, names, tokens))
         peak = rss("VmHWM")
         hits, misses = manager.stats.hits - hits0, manager.stats.misses - misses0
         adapter_bytes = manager.get_adapter(names[0]).size_bytes
@@ -182,6 +171,22 @@ def run_case(case: str, root: Path) -> dict:
         "budget_bytes": BUDGET * adapter_bytes,
         "distinct": len(set(names)),
     }
+
+
+def build(case: str, root: Path, names: list[str]) -> tuple[Engine, AdapterManager]:
+    """The case's engine and manager: on demand with the budget, or every adapter of ``names`` loaded."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = llama_512(), AutoTokenizer.from_pretrained(root.parent / "tokenizer")
+    if case == "budget":
+        manager = AdapterManager(model, max_adapters=BUDGET, on_demand=OnDemand(roots=[root], allow_hub=False))
+    else:
+        touched = sorted(set(names))
+        manager = AdapterManager(model, max_adapters=len(touched) + WARM_ADAPTERS)
+        for name in touched:
+            manager.load_adapter(str(root / name), name)
+    config = EngineConfig(max_batch_rows=IN_FLIGHT, max_queued=REQUESTS, prefix_cache_bytes=0)
+    return Engine(model, tokenizer, manager, config), manager
 
 
 def in_subprocess(case: str, root: Path) -> dict:
