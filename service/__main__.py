@@ -42,7 +42,10 @@ _ENGINE_FLAGS = (  # EngineConfig field, help
     ("max_prompt_tokens", "prompt tokens per request; beyond: RESOURCE_EXHAUSTED"),
     ("default_max_new_tokens", "max_new_tokens when a request sets none"),
     ("max_new_tokens_ceiling", "largest max_new_tokens a request may ask"),
-    ("max_prefill_tokens", "padded prompt tokens prefilled per step; more join at the next steps"),
+    (
+        "max_prefill_tokens",
+        "padded prompt columns prefilled per step, cached ones included; more join at the next steps",
+    ),
     ("prefill_chunk_tokens", "longer prompts are prefilled this many tokens per step, between decode steps"),
 )
 

@@ -88,6 +88,7 @@ class Engine:
             state=lambda row: row.readiness(self.manager),
             key=lambda row: row.key,
             final_len=lambda row: row.final_len,
+            width=lambda row: len(row.prompt_ids),  # cached part included: the group holds it all
             kv_fits=lambda finals: self.limits.kv.fits(finals),
         )
         self._wakeup = threading.Condition()  # guards the scheduler's queue and _stop_requested

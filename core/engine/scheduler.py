@@ -12,8 +12,11 @@ prefilled; ``state`` says of each waiting request whether it can start (its adap
 
 - a prompt longer than ``chunk_tokens`` is prefilled a chunk per step, one such prompt at a time; its queue
   waits meanwhile (requests of one adapter keep their order);
-- the others are prefilled together while rows x longest prompt stays within ``prefill_tokens``; the first
-  that would not fit waits, first in its queue, and ends the step's group (a lone prompt always fits);
+- the others are prefilled together while rows x widest stays within ``prefill_tokens``; the first that
+  would not fit waits, first in its queue, and ends the step's group (a lone prompt always fits). A row's
+  width (``width``) is its whole prompt, the part the prefix cache gives it included: its group holds and
+  attends to all of it, so a burst of cache hits on a long shared prompt spreads over a few steps, and the
+  first of them stream while the others wait, instead of all waiting for one long forward;
 - with a KV budget (``kv_fits``, given the final lengths of every row the batch would then hold), a request
   joins only if the batch stays within it until all its rows finish; otherwise its queue waits for rows to
   leave (``kv_blocked`` counts such requests at the last step).
@@ -52,7 +55,8 @@ class StepAdmission(Generic[T]):
 class Scheduler(Generic[T]):
     """The waiting requests and the admission rule above. Not thread-safe: the engine holds its own lock.
 
-    ``key``, ``prompt_len`` and ``state`` read what the rule needs from a request, so tests use plain objects.
+    ``key``, ``prompt_len`` (the tokens it prefills), ``width`` (its prompt's columns in a prefill group;
+    default ``prompt_len``) and ``state`` read what the rule needs from a request, so tests use plain objects.
     """
 
     def __init__(
@@ -65,11 +69,12 @@ class Scheduler(Generic[T]):
         state: Callable[[T], Readiness],
         key: Callable[[T], Hashable] = lambda _: None,
         final_len: Callable[[T], int] | None = None,
+        width: Callable[[T], int] | None = None,
         kv_fits: Callable[[Sequence[int]], bool] | None = None,
     ) -> None:
         self.max_rows, self.prefill_tokens, self.chunk_tokens = max_rows, prefill_tokens, chunk_tokens
         self._prompt_len, self._state, self._key = prompt_len, state, key
-        self._final_len, self._kv_fits = final_len or prompt_len, kv_fits
+        self._final_len, self._width, self._kv_fits = final_len or prompt_len, width or prompt_len, kv_fits
         self.kv_blocked = 0  # requests at the head of their queue that waited for KV room at the last step
         self._queues: dict[Hashable, collections.deque[T]] = {}
         # Next to serve first: queues not served since they (re)appeared, in arrival order, then the others in
@@ -108,7 +113,7 @@ class Scheduler(Generic[T]):
         """``finals``: the final lengths of the rows running (and of a prompt being chunked), for kv_fits."""
         step: StepAdmission[T] = StepAdmission(dropped=self._drop())
         chunked: T | None = None
-        longest = 0  # of the prefill group
+        widest = 0  # of the prefill group
         full = False  # the prefill group's budget is spent
         held = list(finals)  # final lengths of every row the batch holds, admitted ones included
         blocked: set[Hashable] = set()
@@ -129,12 +134,12 @@ class Scheduler(Generic[T]):
                     if chunking or chunked is not None:
                         continue  # one long prompt at a time; this queue waits for it
                     chunked = request
-                elif step.prefill and (len(step.prefill) + 1) * max(longest, length) > self.prefill_tokens:
+                elif step.prefill and (len(step.prefill) + 1) * max(widest, self._width(request)) > self.prefill_tokens:
                     full = True  # first in its queue at the next step
                     break
                 else:
                     step.prefill.append(request)
-                    longest = max(longest, length)
+                    widest = max(widest, self._width(request))
                 held.append(self._final_len(request))
                 self._pop(key)
                 progress = True

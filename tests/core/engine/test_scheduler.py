@@ -89,6 +89,23 @@ def test_prefill_budget_counts_padded_tokens_and_the_rest_waits_first_in_line():
     assert names(list(s)) == ["e"]
 
 
+def test_prefill_budget_counts_each_rows_width_not_only_what_it_prefills():
+    # rows whose prompts the prefix cache mostly holds: 8 tokens to prefill each, but 40 columns wide
+    s: Scheduler[Req] = Scheduler(
+        max_rows=8,
+        prefill_tokens=100,
+        chunk_tokens=32,
+        prompt_len=lambda r: r.prompt,
+        width=lambda r: r.prompt + 32,  # the cached part
+        state=lambda r: r.state,
+    )
+    for i in range(5):
+        s.add(Req(f"r{i}", 8))
+    assert names(s.next_step(running=0, chunking=False).prefill) == ["r0", "r1"]  # 3 x 40 > 100
+    assert names(s.next_step(running=2, chunking=False).prefill) == ["r2", "r3"]
+    assert names(s.next_step(running=4, chunking=False).prefill) == ["r4"]
+
+
 def test_a_lone_prompt_over_the_prefill_budget_is_still_admitted():
     s = scheduler(Req("big", 30), prefill_tokens=16, chunk_tokens=32)
     assert names(s.next_step(running=0, chunking=False).prefill) == ["big"]
