@@ -18,6 +18,7 @@ from loramux.core.adapters.targeting import Target, TargetKind
 from loramux.core.errors import CorruptAdapterError, IncompatibleAdapterError
 from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora
 from loramux.core.memory import mapped_empty
+from loramux.core.serial import all_finite_serial, copy_serial
 
 PREFIX = "base_model.model."
 
@@ -206,7 +207,7 @@ class _Arena:
                     tensor = tensor.to(self.options.work_device)
                 at = offsets[(device, dtype)]
                 view = buffers[(device, dtype)][at : at + tensor.numel()].view(tensor.shape)
-                view.copy_(tensor)
+                copy_serial(view, tensor)  # on the loader thread: no OpenMP team (core/serial.py)
                 offsets[(device, dtype)] = at + tensor.numel()
                 placed.append(nn.Parameter(view, requires_grad=True) if self.options.trainable else view)
             self._placed.append(placed)
@@ -215,7 +216,7 @@ class _Arena:
         return self._placed[slot]
 
     def finite(self) -> bool:
-        return all(bool(torch.isfinite(buffer).all()) for buffer in self._buffers)
+        return all(all_finite_serial(buffer) for buffer in self._buffers)
 
 
 def _request_target(target: Target, tensors: Mapping[str, Tensor], module: nn.Module, arena: _Arena):
@@ -256,7 +257,7 @@ def _add_saved_module(
             problems.append(f"{name}.{param_name}: shape {tuple(value.shape)}, base has {tuple(param.shape)}")
             continue
         with torch.no_grad():
-            param.copy_(value)
+            copy_serial(param, value)
     replica.requires_grad_(options.trainable)
     weights.saved_modules[name] = replica
 
@@ -277,9 +278,10 @@ def _check_finite(weights: AdapterWeights) -> None:
     bad = [
         name
         for name, lin in weights.linear.items()
-        if not all(torch.isfinite(t).all() for t in (lin.At, lin.Bt, lin.bias) if t is not None)
+        if not all(all_finite_serial(t) for t in (lin.At, lin.Bt, lin.bias) if t is not None)
     ]
-    bad += [n for n, e in weights.embedding.items() if not (torch.isfinite(e.A).all() and torch.isfinite(e.B).all())]
-    bad += [n for n, m in weights.saved_modules.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
+    bad += [n for n, e in weights.embedding.items() if not (all_finite_serial(e.A) and all_finite_serial(e.B))]
+    saved = weights.saved_modules.items()
+    bad += [n for n, m in saved if not all(all_finite_serial(p.detach()) for p in m.parameters())]
     if bad:
         raise CorruptAdapterError("adapter weights contain NaN or Inf", problems=[f"{n}" for n in bad])
