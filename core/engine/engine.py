@@ -217,22 +217,22 @@ class Engine:
             return
         finally:
             ready.set()
-        while True:
-            step = self._next_step()
-            if step is None:
-                break
-            self._start(step)
-            self._drop_finished()
-            if self._chunking is not None:
-                self._prefill_chunk()
+        while (step := self._next_step()) is not None:
             try:
+                self._start(step)
+                self._drop_finished()
+                if self._chunking is not None:
+                    self._prefill_chunk()
                 with torch.no_grad():
                     if self._rows:
                         self._decode_step()
-            except Exception as exc:  # a bug or OOM: end this batch's rows, keep serving
-                log.exception("decode step failed")
+                self._drop_finished()
+            except Exception as exc:  # a bug or OOM: this batch's rows end with an error, the engine serves on
+                log.exception("engine step failed")
+                if self._chunking is not None:
+                    self._leave(self._chunking.row, EngineFailure("generation failed inside the engine"))
+                    self._chunking = None
                 self._fail_all(EngineFailure("generation failed inside the engine"), exc)
-            self._drop_finished()
         self._fail_all(ShuttingDownError("the server shut down before this request finished"), None)
         self._drain_queue()
 
@@ -261,15 +261,11 @@ class Engine:
     def _start(self, step: StepAdmission[Row]) -> None:
         for row in step.dropped:
             self._leave(row, row.error or RequestCancelledError("the request was cancelled before it started"))
-        if step.chunked is not None:
-            with torch.no_grad():
-                blocks = self._prefixes.take(step.chunked)  # it starts after the part of it the cache holds
-                room = self.config.prefill_chunk_tokens
-                self._chunking = ChunkedPrefill.after(step.chunked, blocks, room=room, arena=self._kv_arena)
-        if not step.prefill:
-            return
         try:
             with torch.no_grad():
+                if step.chunked is not None:  # it starts after the part of it the cache holds
+                    blocks, room = self._prefixes.take(step.chunked), self.config.prefill_chunk_tokens
+                    self._chunking = ChunkedPrefill.after(step.chunked, blocks, room=room, arena=self._kv_arena)
                 for rows, reused in split_by_reuse(step.prefill, self._prefixes):
                     cache, mask, logits = prefill_rows(
                         self.model, rows, reused, pad=self._pad, device=self._device, arena=self._kv_arena
@@ -277,11 +273,13 @@ class Engine:
                     self._join(rows, cache, mask, logits)
         except Exception:
             log.exception("prefill failed")
-            for row in step.prefill:
+            for row in [*step.prefill, *([step.chunked] if step.chunked is not None else [])]:
                 if row in self._rows:  # it joined before the failure: it leaves at the next step
                     row.channel.put(EngineFailure("generation failed inside the engine"))
                     row.channel.cancel()
                 else:
+                    if self._chunking is not None and self._chunking.row is row:
+                        self._chunking = None
                     self._leave(row, EngineFailure("generation failed inside the engine"))
 
     def _prefill_chunk(self) -> None:

@@ -170,3 +170,41 @@ def test_a_failed_forward_ends_every_row_and_the_next_request_succeeds(base_mode
         assert len(collect(engine.submit(GenerationRequest(prompt=[5, 6], max_new_tokens=5, ignore_eos=True)))[0]) == 5
     finally:
         engine.close()
+
+
+def test_a_bug_outside_the_forward_ends_the_batch_not_the_engine(base_model, tokenizer, monkeypatch):
+    """A failure in the step's bookkeeping (here: reordering the batch after a row leaves) used to end the
+    engine thread, leaving every stream waiting for ever; now those rows fail and the engine serves on."""
+    import concurrent.futures
+
+    import loramux.core.engine.engine as engine_module
+
+    engine = engine_for(copy.deepcopy(base_model), tokenizer, max_batch_rows=4)
+    real, failing = engine_module.swap_remove, threading.Event()
+
+    def flaky(n, removed):
+        if failing.is_set():
+            failing.clear()
+            raise RuntimeError("injected: a bookkeeping bug")
+        return real(n, removed)
+
+    monkeypatch.setattr(engine_module, "swap_remove", flaky)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    try:
+        long = [engine.submit(GenerationRequest(prompt=[5, 6, i], max_new_tokens=50, ignore_eos=True)) for i in (7, 8)]
+        streams = [iter(c) for c in long]
+        for stream in streams:
+            assert isinstance(next(stream), TokenDelta)  # both are decoding
+        failing.set()
+        short = engine.submit(GenerationRequest(prompt=[5, 6, 9], max_new_tokens=1, ignore_eos=True))
+        # its Finished is delivered, then reordering the batch after it hits the bug: the others end in error
+        assert len(pool.submit(collect, short).result(timeout=60)[0]) == 1
+        for stream in streams:
+            with pytest.raises(EngineFailure):
+                pool.submit(list, stream).result(timeout=60)
+        assert not failing.is_set() and engine.running_rows == 0
+        after = pool.submit(collect, engine.submit(GenerationRequest(prompt=[5, 6], max_new_tokens=5, ignore_eos=True)))
+        assert len(after.result(timeout=60)[0]) == 5
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        engine.close()
