@@ -18,25 +18,24 @@ from torch import Tensor
 GRAIN: Final = 32_768  # at::internal::GRAIN_SIZE: larger ops may run on an OpenMP team
 
 
-def _rows_per_piece(t: Tensor) -> int:
-    row = max(1, t[0].numel()) if t.dim() > 1 else 1
-    return max(1, GRAIN // row)
-
-
 def copy_serial(dst: Tensor, src: Tensor) -> Tensor:
-    """``dst.copy_(src)`` (same shape; any strides), in pieces of at most GRAIN elements where rows allow."""
+    """``dst.copy_(src)`` (same shape; any strides), in pieces of at most GRAIN elements."""
     if dst.shape != src.shape:
         raise ValueError(f"copy_serial: shapes differ, {tuple(dst.shape)} vs {tuple(src.shape)}")
     if dst.dim() == 0 or dst.numel() <= GRAIN:
         return dst.copy_(src)
-    step = _rows_per_piece(dst)
-    for start in range(0, dst.shape[0], step):  # slices along dim 0 are views of both, whatever their strides
-        dst[start : start + step].copy_(src[start : start + step])
+    rows = max(1, GRAIN // max(1, dst[0].numel()))  # slices along dim 0 are views of both, whatever the strides
+    for start in range(0, dst.shape[0], rows):
+        if rows == 1:  # one row is over the grain itself: split it along its own first dimension
+            copy_serial(dst[start], src[start])
+        else:
+            dst[start : start + rows].copy_(src[start : start + rows])
     return dst
 
 
 def all_finite_serial(t: Tensor) -> bool:
-    """No NaN or infinity in ``t``: its min and max are finite (NaN propagates through both), piece by piece."""
+    """No NaN or infinity in ``t``: its min and max are finite (NaN propagates through both), piece by piece.
+    A non-contiguous ``t`` is copied whole first (the loader's buffers and parameters are contiguous)."""
     flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
     if not flat.is_floating_point():
         return True

@@ -277,9 +277,7 @@ class Engine:
                 if row in self._rows:  # it joined before the failure: it leaves at the next step
                     row.channel.put(EngineFailure("generation failed inside the engine"))
                     row.channel.cancel()
-                else:
-                    if self._chunking is not None and self._chunking.row is row:
-                        self._chunking = None
+                elif self._chunking is None or self._chunking.row is not row:  # a chunked prefill that started goes on
                     self._leave(row, EngineFailure("generation failed inside the engine"))
 
     def _prefill_chunk(self) -> None:

@@ -129,17 +129,17 @@ class Scheduler(Generic[T]):
                 if self._kv_fits is not None and not self._kv_fits([*held, self._final_len(request)]):
                     blocked.add(key)  # waits, first in its queue, for rows to leave
                     continue
-                length = self._prompt_len(request)
+                length, width = self._prompt_len(request), self._width(request)
                 if length > self.chunk_tokens:
                     if chunking or chunked is not None:
                         continue  # one long prompt at a time; this queue waits for it
                     chunked = request
-                elif step.prefill and (len(step.prefill) + 1) * max(widest, self._width(request)) > self.prefill_tokens:
+                elif step.prefill and (len(step.prefill) + 1) * max(widest, width) > self.prefill_tokens:
                     full = True  # first in its queue at the next step
                     break
                 else:
                     step.prefill.append(request)
-                    widest = max(widest, self._width(request))
+                    widest = max(widest, width)
                 held.append(self._final_len(request))
                 self._pop(key)
                 progress = True
