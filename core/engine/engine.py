@@ -259,9 +259,9 @@ class Engine:
         self._prefixes.release(row)
 
     def _start(self, step: StepAdmission[Row]) -> None:
-        for row in step.dropped:
-            self._leave(row, row.error or RequestCancelledError("the request was cancelled before it started"))
-        try:
+        try:  # whatever fails here, this step's rows that did not join end with an error (none is left waiting)
+            for row in step.dropped:
+                self._leave(row, row.error or RequestCancelledError("the request was cancelled before it started"))
             with torch.no_grad():
                 if step.chunked is not None:  # it starts after the part of it the cache holds
                     blocks, room = self._prefixes.take(step.chunked), self.config.prefill_chunk_tokens
@@ -272,7 +272,7 @@ class Engine:
                     )
                     self._join(rows, cache, mask, logits)
         except Exception:
-            log.exception("prefill failed")
+            log.exception("starting rows failed")
             for row in [*step.prefill, *([step.chunked] if step.chunked is not None else [])]:
                 if row in self._rows:  # it joined before the failure: it leaves at the next step
                     row.channel.put(EngineFailure("generation failed inside the engine"))
