@@ -57,6 +57,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    if (value := int(text)) < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
+def _fraction(text: str) -> float:
+    if not 0 <= (value := float(text)) <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -187,6 +199,15 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         default=_ENGINE.prefix_block_tokens,
         help=f"tokens per prefix-cache block; prompts reuse whole blocks (default {_ENGINE.prefix_block_tokens})",
     )
+    wait, fraction = _ENGINE.join_wait_steps, _ENGINE.join_fraction
+    g.add_argument(
+        "--join-wait-steps",
+        type=_non_negative_int,
+        default=wait,
+        help=f"while rows run, a prefill group of fewer than --join-fraction of them waits up to this many steps "
+        f"for more ready requests (prefilled together); 0: at once (default {wait})",
+    )
+    g.add_argument("--join-fraction", type=_fraction, default=fraction, help=f"see above (default {fraction})")
     kernel = _ENGINE.linear_kernel.value
     g.add_argument(
         "--no-ragged-attention",
@@ -291,6 +312,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         prefix_block_tokens=args.prefix_block_tokens,
         linear_kernel=LinearKernel(args.linear_kernel),
         ragged_attention=args.ragged_attention,
+        join_wait_steps=args.join_wait_steps,
+        join_fraction=args.join_fraction,
     )
     network = NetworkConfig(
         host=args.host,

@@ -90,6 +90,8 @@ class Engine:
             final_len=lambda row: row.final_len,
             width=lambda row: len(row.prompt_ids),  # cached part included: the group holds it all
             kv_fits=lambda finals: self.limits.kv.fits(finals),
+            join_wait_steps=config.join_wait_steps,
+            join_fraction=config.join_fraction,
         )
         self._wakeup = threading.Condition()  # guards the scheduler's queue and _stop_requested
         manager.add_load_listener(self._wake)  # a finished adapter load may let waiting requests start

@@ -17,6 +17,11 @@ prefilled; ``state`` says of each waiting request whether it can start (its adap
   width (``width``) is its whole prompt, the part the prefix cache gives it included: its group holds and
   attends to all of it, so a burst of cache hits on a long shared prompt spreads over a few steps, and the
   first of them stream while the others wait, instead of all waiting for one long forward;
+- with ``join_wait_steps`` (TGI's ``max_waiting_tokens`` and ``waiting_served_ratio`` do the same), while
+  rows run, a prefill group smaller than ``join_fraction`` of the running rows (and than the free rows)
+  waits for company, up to ``join_wait_steps`` steps after its oldest member became ready: one prompt's
+  prefill costs a step however few rows it holds, so rows that trickle in (adapter loads finishing one by
+  one) would otherwise each cost the whole batch a step;
 - with a KV budget (``kv_fits``, given the final lengths of every row the batch would then hold), a request
   joins only if the batch stays within it until all its rows finish; otherwise its queue waits for rows to
   leave (``kv_blocked`` counts such requests at the last step).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -71,6 +77,8 @@ class Scheduler(Generic[T]):
         final_len: Callable[[T], int] | None = None,
         width: Callable[[T], int] | None = None,
         kv_fits: Callable[[Sequence[int]], bool] | None = None,
+        join_wait_steps: int = 0,
+        join_fraction: float = 0.0,
     ) -> None:
         self.max_rows, self.prefill_tokens, self.chunk_tokens = max_rows, prefill_tokens, chunk_tokens
         self._prompt_len, self._state, self._key = prompt_len, state, key
@@ -82,6 +90,9 @@ class Scheduler(Generic[T]):
         self._order: list[Hashable] = []
         self._served: set[Hashable] = set()
         self._count = 0
+        self.join_wait_steps, self.join_fraction = join_wait_steps, join_fraction
+        self._steps = 0  # next_step calls so far
+        self._ready_since: dict[int, int] = {}  # id of a request that could join a prefill group: since step
 
     def __len__(self) -> int:
         return self._count
@@ -106,12 +117,15 @@ class Scheduler(Generic[T]):
         self._queues.clear()
         self._order.clear()
         self._served.clear()
+        self._ready_since.clear()
         self._count = 0
         return items
 
     def next_step(self, *, running: int, chunking: bool, finals: Sequence[int] = ()) -> StepAdmission[T]:
         """``finals``: the final lengths of the rows running (and of a prompt being chunked), for kv_fits."""
         step: StepAdmission[T] = StepAdmission(dropped=self._drop())
+        self._steps += 1
+        hold = self._hold_group(running + chunking)  # the prefill group waits for company this step
         chunked: T | None = None
         widest = 0  # of the prefill group
         full = False  # the prefill group's budget is spent
@@ -134,6 +148,8 @@ class Scheduler(Generic[T]):
                     if chunking or chunked is not None:
                         continue  # one long prompt at a time; this queue waits for it
                     chunked = request
+                elif hold:
+                    continue
                 elif step.prefill and (len(step.prefill) + 1) * max(widest, width) > self.prefill_tokens:
                     full = True  # first in its queue at the next step
                     break
@@ -147,6 +163,25 @@ class Scheduler(Generic[T]):
                 break
         self.kv_blocked = len(blocked)
         return StepAdmission(step.prefill, chunked, step.dropped)
+
+    def _hold_group(self, busy: int) -> bool:
+        """Whether this step's prefill group waits for company (see the module docstring); ``busy``: rows
+        the batch holds (a prompt being chunked included)."""
+        if self.join_wait_steps <= 0 or busy == 0:
+            self._ready_since.clear()
+            return False
+        ready = [
+            r
+            for key in self._order
+            for r in self._queues[key]
+            if self._prompt_len(r) <= self.chunk_tokens and self._state(r) is Readiness.READY
+        ]
+        self._ready_since = {id(r): self._ready_since.get(id(r), self._steps) for r in ready}
+        if not ready:
+            return False
+        company = min(self.max_rows - busy, max(1, math.ceil(self.join_fraction * busy)))
+        oldest = min(self._ready_since.values())
+        return len(ready) < company and self._steps - oldest < self.join_wait_steps
 
     def _pop(self, key: Hashable) -> None:
         queue = self._queues[key]

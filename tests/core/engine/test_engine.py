@@ -373,7 +373,13 @@ def test_linear_kernel_is_chosen_by_config(base_model, tokenizer, adapter_dirs):
 
 def test_every_int_field_of_the_engine_config_is_a_checked_limit():
     ints = [f.name for f in dataclasses.fields(EngineConfig) if isinstance(f.default, int) and f.default is not True]
-    assert set(ints) - {"ragged_attention"} == set(LIMITS)
+    assert set(ints) - {"ragged_attention", "join_wait_steps"} == set(LIMITS)  # join_wait_steps may be 0
+
+
+@pytest.mark.parametrize("field, value", [("join_wait_steps", -1), ("join_wait_steps", 1.5), ("join_fraction", 1.5)])
+def test_join_settings_out_of_range_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**{field: value})
 
 
 LONG_PROMPT = [(7 * i + 3) % (VOCAB - 10) + 5 for i in range(21)]  # 6 chunks of 4 (the last has 1 token)
@@ -458,7 +464,8 @@ def test_the_next_batch_keeps_its_kv_on_the_pages_the_last_one_used(
     """Every KV buffer comes from the engine's arena and goes back when the batch empties: a second batch of
     the same requests lands on the same pages (the arena's high-water mark stays) and still equals PEFT."""
     monkeypatch.setattr(memory, "MIN_MAPPED_BYTES", 1)  # the tiny model's KV buffers are a few KiB each
-    engine = make_engine(base_model, tokenizer, adapter_dirs)
+    # each batch joins as its requests arrive (not waiting for company), so both batches are shaped alike
+    engine = make_engine(base_model, tokenizer, adapter_dirs, join_wait_steps=0)
     try:
         touched = []
         for _ in range(2):

@@ -15,7 +15,14 @@ class Req:
     state: Readiness = Readiness.READY
 
 
-def scheduler(*requests: Req, max_rows: int = 4, prefill_tokens: int = 64, chunk_tokens: int = 32) -> Scheduler[Req]:
+def scheduler(
+    *requests: Req,
+    max_rows: int = 4,
+    prefill_tokens: int = 64,
+    chunk_tokens: int = 32,
+    join_wait_steps: int = 0,
+    join_fraction: float = 0.0,
+) -> Scheduler[Req]:
     s: Scheduler[Req] = Scheduler(
         max_rows=max_rows,
         prefill_tokens=prefill_tokens,
@@ -23,6 +30,8 @@ def scheduler(*requests: Req, max_rows: int = 4, prefill_tokens: int = 64, chunk
         prompt_len=lambda r: r.prompt,
         state=lambda r: r.state,
         key=lambda r: r.adapter,
+        join_wait_steps=join_wait_steps,
+        join_fraction=join_fraction,
     )
     for r in requests:
         s.add(r)
@@ -136,3 +145,38 @@ def test_a_chunked_prompt_counts_against_the_rows():
 def test_drain_empties_the_queues():
     s = scheduler(Req("a"), Req("b", adapter="x"))
     assert sorted(names(s.drain())) == ["a", "b"] and len(s) == 0
+
+
+def test_while_rows_run_a_small_group_waits_for_company_at_most_join_wait_steps():
+    s = scheduler(Req("r0"), max_rows=32, join_wait_steps=3, join_fraction=0.25)
+    assert s.next_step(running=16, chunking=False).empty  # 1 ready < 16 x 0.25: it waits (its step 0)
+    s.add(Req("r1", adapter="x"))
+    assert s.next_step(running=16, chunking=False).empty  # 2 < 4, r0 waited 1 step
+    assert s.next_step(running=16, chunking=False).empty  # r0 waited 2 steps
+    assert names(s.next_step(running=16, chunking=False).prefill) == ["r0", "r1"]  # r0 waited 3: all join
+
+
+def test_a_group_with_enough_company_joins_at_once():
+    s = scheduler(*(Req(f"r{i}", adapter=str(i)) for i in range(4)), max_rows=32, join_wait_steps=8, join_fraction=0.25)
+    assert names(s.next_step(running=16, chunking=False).prefill) == ["r0", "r1", "r2", "r3"]  # 4 >= 16 x 0.25
+
+
+def test_an_idle_batch_or_a_nearly_full_one_never_makes_a_request_wait():
+    s = scheduler(Req("r0"), max_rows=8, join_wait_steps=8, join_fraction=1.0)
+    assert names(s.next_step(running=0, chunking=False).prefill) == ["r0"]  # nothing runs: no reason to wait
+    s.add(Req("r1"))
+    assert names(s.next_step(running=7, chunking=False).prefill) == ["r1"]  # one row free: the group is full
+
+
+def test_requests_whose_adapter_loads_are_not_counted_as_company():
+    loading = Req("x", adapter="x", state=Readiness.WAIT)
+    s = scheduler(Req("r0"), loading, max_rows=32, join_wait_steps=2, join_fraction=0.1)
+    assert s.next_step(running=16, chunking=False).empty  # 1 ready < 2 (x loads)
+    loading.state = Readiness.READY
+    assert names(s.next_step(running=16, chunking=False).prefill) == ["r0", "x"]
+
+
+def test_a_long_prompt_starts_its_chunks_while_short_ones_wait_for_company():
+    s = scheduler(Req("long", 100), Req("short"), max_rows=32, join_wait_steps=4, join_fraction=0.5)
+    step = s.next_step(running=8, chunking=False)
+    assert step.chunked is not None and step.chunked.name == "long" and step.prefill == []
