@@ -36,7 +36,7 @@ class ChunkedPrefill:
     def after(cls, row: Row, blocks: Sequence[Block], *, room: int, arena: BufferArena | None = None) -> ChunkedPrefill:
         """The prefill of ``row``'s prompt after the cached ``blocks`` it starts with (none: from its start), into
         a cache whose buffers come from ``arena``."""
-        plan = build_plan([row.weights])
+        plan = build_plan([row.weights], segmented=True)
         if not blocks:
             return cls(row, plan=plan, cache=GrowableCache(arena=arena))
         done = row.cached_prompt_tokens = sum(len(b.tokens) for b in blocks)

@@ -57,7 +57,7 @@ def prefill_rows(
     for row, u in zip(rows, used, strict=True):
         row.cached_prompt_tokens = u
     cache = seeded_cache(reused, used, columns=past, room=width, arena=arena) if past else GrowableCache(arena=arena)
-    plan = build_plan([r.weights for r in rows])
+    plan = build_plan([r.weights for r in rows], segmented=True)  # one forward: no per-row weight stacks
     every = any(r.request.prompt_logprobs for r in rows)  # every position's logits, only when asked
     with use_plan(plan):
         out = model(

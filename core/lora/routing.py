@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from loramux.core.lora.grouped import GroupedLinear, prefers_grouped
 from loramux.core.lora.route import Route
+from loramux.core.lora.segmented import SegmentedLinear
 from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora, common_dtype, padded_rank
 from loramux.core.lora.workspace import Buffers, RoutingWorkspace
 
@@ -351,8 +352,12 @@ def build_plan(
     reuse: Mapping[str, Route] | None = None,
     new_rows: Sequence[AdapterWeights | None] = (),
     workspace: RoutingWorkspace | None = None,
+    segmented: bool = False,
 ) -> RoutingPlan:
     """One route per module that at least one row's adapter touches. rows[i] is row i's adapter (None: base).
+
+    segmented (a prefill's plan, used for one forward): linear modules loop over runs of rows on one adapter
+    (segmented.py) instead of stacking weights per row or per adapter.
 
     reuse/new_rows (from extend_plan): rows ends with new_rows, and reuse holds the routes of the rows before
     them; gathered linear routes there are extended in place instead of rebuilt. With a workspace, gathered
@@ -366,6 +371,9 @@ def build_plan(
         if isinstance(old, GatheredLinear | GroupedLinear) and old.can_append(added) and _keeps(old, combined):
             old.append(added)
             routes[name] = old
+            continue
+        if segmented:
+            routes[name] = SegmentedLinear(combined)
             continue
         routes[name] = linear_route(combined, workspace=workspace, name=name)
     for name in dict.fromkeys(n for a in adapters for n in a.embedding):

@@ -464,15 +464,17 @@ def test_the_next_batch_keeps_its_kv_on_the_pages_the_last_one_used(
     """Every KV buffer comes from the engine's arena and goes back when the batch empties: a second batch of
     the same requests lands on the same pages (the arena's high-water mark stays) and still equals PEFT."""
     monkeypatch.setattr(memory, "MIN_MAPPED_BYTES", 1)  # the tiny model's KV buffers are a few KiB each
-    # each batch joins as its requests arrive (not waiting for company), so both batches are shaped alike
-    engine = make_engine(base_model, tokenizer, adapter_dirs, join_wait_steps=0)
+    engine = make_engine(base_model, tokenizer, adapter_dirs)
     try:
         touched = []
         for _ in range(2):
-            channels = [
-                engine.submit(GenerationRequest(prompt=p, adapter=c, max_new_tokens=6, ignore_eos=True))
-                for p, c in zip(PROMPTS, CHOICES, strict=True)
-            ]
+            # both batches shaped alike: one prefill of every request (the engine waits for its lock, an RLock,
+            # to see its queue), not groups split by when the engine thread happened to look
+            with engine._wakeup:
+                channels = [
+                    engine.submit(GenerationRequest(prompt=p, adapter=c, max_new_tokens=6, ignore_eos=True))
+                    for p, c in zip(PROMPTS, CHOICES, strict=True)
+                ]
             for prompt, choice, channel in zip(PROMPTS, CHOICES, channels, strict=True):
                 name = None if choice is AdapterSelection.BASE else choice
                 assert collect(channel)[0] == peft_greedy(peft_model, prompt, name, 6)

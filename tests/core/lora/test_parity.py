@@ -9,6 +9,7 @@ used as the oracle: it crashes with modules_to_save when some rows' adapters hav
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from peft import PeftModel
 from torch import nn
 
 from loramux.core import AdapterManager
+from loramux.core.adapters import manager as manager_module
+from loramux.core.lora.routing import build_plan
 from tests.conftest import (
     ARCHS,
     LAYOUT,
@@ -39,6 +42,14 @@ ATOL = 1e-5
 RTOL = 1e-5
 # An adapter that changes the logits by less than this would make a parity check vacuous.
 MIN_EFFECT = 1e-3
+# Which plans the batch tests run through: the decode plan's routes (uniform, gathered, grouped) and the
+# prefill's segmented route (segmented.py).
+PLANS = ["decode", "prefill"]
+
+
+def use_plans(monkeypatch: pytest.MonkeyPatch, plan: str) -> None:
+    if plan == "prefill":
+        monkeypatch.setattr(manager_module, "build_plan", functools.partial(build_plan, segmented=True))
 
 
 @dataclass
@@ -319,9 +330,13 @@ ROW_LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_batch_equals_each_row_alone_in_peft(arch, layout, fresh_model, base_models, make_adapter):
+def test_mixed_batch_equals_each_row_alone_in_peft(
+    arch, layout, plan, fresh_model, base_models, make_adapter, monkeypatch
+):
+    use_plans(monkeypatch, plan)
     adapters = _key_mix(arch)
     paths = _make_all(arch, adapters, make_adapter, seed=300)
     model = fresh_model(arch)
@@ -393,8 +408,10 @@ def test_subfolder_of_multi_adapter_save(arch, fresh_model, base_models, make_ad
     assert_parity(model, manager, peft_model, input_ids(len(rows)), rows)
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no_autocast"])
-def test_bf16_base_model(autocast, fresh_model, base_models, make_adapter):
+def test_bf16_base_model(autocast, plan, fresh_model, base_models, make_adapter, monkeypatch):
+    use_plans(monkeypatch, plan)
     arch = "llama"
     lay = LAYOUT[arch]
     q, o, down = (sfx(arch, r) for r in ("qkv", "o", "down"))
