@@ -58,20 +58,23 @@ def _kv(layer: GrowableLayer) -> tuple[Tensor, Tensor]:
 
 def merge(cache_a: DynamicCache, mask_a: Tensor, cache_b: DynamicCache, mask_b: Tensor) -> Tensor:
     """Append cache_b's rows to cache_a in place: into the room cache_a's buffers have (only cache_b's rows are
-    copied), else one copy of each into a new buffer with room to grow; returns the merged mask (N_a + N_b, S)."""
+    copied), else one copy of each into a new buffer with room to grow; returns the merged mask (N_a + N_b, S).
+    cache_b is used up: each of its layers lets go of its buffers once copied (a joining group's cache and the
+    batch's old buffers beside the merged ones, every layer at once, were the KV arena's high-water mark)."""
     width = max(mask_a.shape[1], mask_b.shape[1])
     extra_a, extra_b = width - mask_a.shape[1], width - mask_b.shape[1]
     rows = mask_a.shape[0] + mask_b.shape[0]
     for layer_a, layer_b in zip(_layers(cache_a), _layers(cache_b), strict=True):
         (keys_a, values_a), (keys_b, values_b) = _kv(layer_a), _kv(layer_b)
-        if keys_a.shape[-2] == mask_a.shape[1] and layer_a.append_rows(keys_b, values_b):
-            continue
-        layer_a.adopt(
-            left_padded_buffer([keys_a, keys_b], width, arena=layer_a.arena),
-            left_padded_buffer([values_a, values_b], width, arena=layer_a.arena),
-            rows=rows,
-            length=width,
-        )
+        if not (keys_a.shape[-2] == mask_a.shape[1] and layer_a.append_rows(keys_b, values_b)):
+            layer_a.adopt(
+                left_padded_buffer([keys_a, keys_b], width, arena=layer_a.arena),
+                left_padded_buffer([values_a, values_b], width, arena=layer_a.arena),
+                rows=rows,
+                length=width,
+            )
+        del keys_a, values_a, keys_b, values_b  # the old views: this layer's old buffers can go now
+        layer_b.let_go()
     return torch.cat([F.pad(mask_a, (extra_a, 0)), F.pad(mask_b, (extra_b, 0))])
 
 

@@ -107,6 +107,13 @@ class GrowableLayer(DynamicLayer):
         self._set_views(rows + n, width)
         return True
 
+    def let_go(self) -> None:
+        """This layer's rows were copied into another cache (``kv_batch.merge``): its buffers go now, not when
+        the cache object does, so a merge holds one layer's worth of them at a time, not every layer's."""
+        self._key_buffer = self._value_buffer = None
+        self.keys = self.values = None
+        self._start = 0
+
     def adopt(self, key_buffer: Tensor, value_buffer: Tensor, *, rows: int, length: int) -> None:
         """Take over new buffers whose first ``length`` columns of the first ``rows`` rows hold the states."""
         self._key_buffer, self._value_buffer, self._start = key_buffer, value_buffer, 0

@@ -165,6 +165,35 @@ def test_without_room_rows_join_by_one_copy_into_a_new_buffer() -> None:
     assert wide.layers[0].keys.shape == (2, 1, 3, 1)  # nothing changed
 
 
+def test_a_merge_uses_up_the_joining_cache_layer_by_layer(monkeypatch) -> None:
+    """The joining group's buffers go back as each layer is copied: the batch's KV arena holds the merged
+    buffers plus one layer's old ones at a time, not the joining cache and the old batch beside the new."""
+    from loramux.core import memory
+    from loramux.core.memory import BufferArena
+
+    monkeypatch.setattr(memory, "MIN_MAPPED_BYTES", 1)
+    arena = BufferArena(max_bytes=1 << 22)
+    layers = 4
+    cache_a, cache_b = GrowableCache(arena=arena), GrowableCache(arena=arena)
+    for i in range(layers):
+        cache_a.update(rows_of(2, 3), -rows_of(2, 3), i)
+        cache_b.update(rows_of(2, 5) + 1000, -rows_of(2, 5), i)
+    lent_during: list[int] = []
+    real_adopt = GrowableLayer.adopt
+
+    def adopt(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        lent_during.append(arena.stats().lent_bytes // memory.PAGE)  # each buffer here is one page
+        return real_adopt(self, *args, **kwargs)
+
+    monkeypatch.setattr(GrowableLayer, "adopt", adopt)
+    merged(cache_a, 2, cache_b)
+    assert all(layer.keys is None and layer._key_buffer is None for layer in cache_b.layers)
+    assert cache_a.layers[-1].keys[:, 0, :, 0].tolist()[2] == [1000, 1001, 1002, 1003, 1004]
+    # layer i about to adopt its two new buffers: the old and joining ones of layers < i went (kept, the
+    # count would stay at 4 * layers + 2)
+    assert lent_during == [4 * (layers - i) + 2 * i + 2 for i in range(layers)]
+
+
 def test_a_batch_of_level_width_shifts_left_in_its_buffers_instead_of_regrowing() -> None:
     """Rows leave taking leading columns with them while the others decode: when the buffer fills up on the
     right, its tokens move back to column 0 in the same buffer (no new allocation), and every row's keys and
