@@ -103,3 +103,23 @@ def test_without_a_dtype_onednn_runs_auto_leaves_every_layer_on_torch(monkeypatc
     kernel, choice = start_linear_kernels(model, LinearKernel.AUTO, max_batch_rows=4, prefill_rows=16)
     assert kernel is LinearKernel.TORCH and choice is None
     assert all(type(m) is nn.Linear for m in (model[0], model[2], model[4]))
+
+
+@pytest.mark.parametrize("kernel", [LinearKernel.ONEDNN, LinearKernel.AUTO])
+def test_start_builds_the_onednn_kernel_of_every_decode_row_count(monkeypatch, kernel):
+    """At start, each oneDNN shape runs once at 1..max_batch_rows rows (oneDNN builds and caches a kernel per
+    row count: then, not while serving); layers on torch's GEMM are not run."""
+    calls: list[tuple[int, int]] = []
+    real = kernels._onednn_linear
+    monkeypatch.setattr(
+        kernels, "_onednn_linear", lambda x, w, b: calls.append((x.shape[-1], x.shape[0])) or real(x, w, b)
+    )
+    model = two_shapes()
+    if kernel is LinearKernel.AUTO:  # 32 -> 48: oneDNN up to 4 rows; 48 -> 32: torch always
+        timer, _ = fake_timer({32: 4, 48: 0})
+        monkeypatch.setattr("loramux.core.model.kernel_choice._time_kernel", timer)
+    start_linear_kernels(model, kernel, max_batch_rows=6, prefill_rows=16)
+    if kernel is LinearKernel.ONEDNN:
+        assert sorted(set(calls)) == [(i, n) for i in (32, 48) for n in range(1, 7)]
+    else:  # the table's row counts: 1 and 4 on oneDNN, 6 (bucket 16) on torch
+        assert sorted(set(calls)) == [(32, n) for n in range(1, 5)]
