@@ -17,8 +17,9 @@ Reported: throughput of ``budget`` vs ``preloaded`` (goal >= 0.7x), the resident
 p50/p99, and the peak RSS of the ``budget`` process against its base (the model and engine, warm, before any
 adapter) plus the budget (64 adapters' bytes) (goal: at most +10 %). Both cases first serve one untimed batch
 of 32 rows on 32 adapters outside the sequence (then unloaded; the base is read once the engine has let go of
-those rows), so the base includes what a server that has served a full batch keeps (its routing workspace),
-not the KV of rows that have finished. The prefix cache is off in both: the prompts are
+those rows), so the base includes what a server that has served a full batch keeps (its routing workspace;
+oneDNN's kernels for every decode row count, which the engine builds at start), not the KV of rows that have
+finished. The prefix cache is off in both: the prompts are
 random and share nothing, and the cache is a budget of its own (``--prefix-cache-memory``, bench/prefix.py),
 which would otherwise fill with prompts no one reuses and count against the adapters' budget.
 """
