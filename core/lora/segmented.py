@@ -39,7 +39,6 @@ def runs(row_loras: Sequence[LinearLora | None]) -> list[tuple[LinearLora, int, 
 class SegmentedLinear(Route):
     def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
         self.runs = runs(row_loras)
-        self.rows = len(row_loras)
 
     def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
         raise RuntimeError("a segmented (prefill) route is not kept across steps")
