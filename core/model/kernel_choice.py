@@ -115,15 +115,14 @@ def compile_decode_kernels(model: nn.Module, *, max_batch_rows: int) -> None:
     many rows, and not as memory that appears while serving. Measured (AMD EPYC, the bench's model, 4 shapes):
     0.15 s here, and 70 MiB of oneDNN's cache that a server grew while its batch passed through those sizes
     (`make bench-scale` counted it against the adapters' budget). Layers on torch's GEMM need nothing."""
-    by_shape: dict[Shape, OneDnnLinear] = {}
-    for module in plain_linears(model):
-        if isinstance(module, OneDnnLinear) and module.weight.device.type == "cpu":
-            by_shape.setdefault(_shape(module), module)
+    on_cpu = [m for m in plain_linears(model) if isinstance(m, OneDnnLinear) and m.weight.device.type == "cpu"]
+    by_shape = _one_per_shape(on_cpu)
     start = time.perf_counter()
     with torch.no_grad():
         for module in by_shape.values():
             for rows in range(1, max_batch_rows + 1):
-                module(torch.zeros(rows, module.in_features, dtype=module.weight.dtype))
+                if module._onednn_at(rows):  # rows auto put on torch's GEMM build nothing
+                    module(torch.zeros(rows, module.in_features, dtype=module.weight.dtype))
     if by_shape:
         log.info("oneDNN decode kernels for 1-%d rows built in %.2f s", max_batch_rows, time.perf_counter() - start)
 
@@ -139,15 +138,13 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
         use_linear_kernel(model, LinearKernel.TORCH)
         return None
     use_linear_kernel(model, LinearKernel.ONEDNN)  # packs once; a shape torch wins everywhere drops its copy
-    by_shape: dict[Shape, OneDnnLinear] = {}
-    for module in candidates:
-        by_shape.setdefault(_shape(module), module)  # type: ignore[arg-type]
+    by_shape = _one_per_shape(candidates)  # OneDnnLinear now
     timings = []
     with torch.no_grad():
-        for shape, module in by_shape.items():
+        for shape, timed in by_shape.items():
             for n in rows:
-                onednn_s = time_one(LinearKernel.ONEDNN, module, n)
-                torch_s = time_one(LinearKernel.TORCH, module, n)
+                onednn_s = time_one(LinearKernel.ONEDNN, timed, n)
+                torch_s = time_one(LinearKernel.TORCH, timed, n)
                 timings.append(KernelTiming(shape[0], shape[1], shape[2], n, onednn_s, torch_s))
     choice = KernelChoice(tuple(timings))
     for module in candidates:
@@ -158,6 +155,14 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
             module.drop_packed()
     log.info("linear kernel auto: %s\n%s", choice.summary, choice.describe())
     return choice
+
+
+def _one_per_shape(modules: Sequence[nn.Linear]) -> dict[Shape, OneDnnLinear]:
+    """The first layer of each distinct shape (oneDNN's kernels depend on the shape, not the weights)."""
+    by_shape: dict[Shape, OneDnnLinear] = {}
+    for module in modules:
+        by_shape.setdefault(_shape(module), module)  # type: ignore[arg-type]
+    return by_shape
 
 
 def _shape(module: nn.Linear) -> Shape:
