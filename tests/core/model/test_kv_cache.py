@@ -35,13 +35,14 @@ def test_decoding_matches_dynamic_cache(arch: str) -> None:
 def test_steps_write_in_place_and_buffers_grow_rarely() -> None:
     layer = GrowableLayer()
     rows, heads, dim = 2, 3, 4
-    buffers = set()
+    buffers = []  # the buffer's address at each step where it changed (a set would merge a reused address)
     written = []
     for step in range(100):
         new = torch.full((rows, heads, 1, dim), float(step))
         keys, values = layer.update(new, -new)
         written.append(float(step))
-        buffers.add(keys.data_ptr())
+        if not buffers or buffers[-1] != keys.data_ptr():
+            buffers.append(keys.data_ptr())
         assert keys.shape == (rows, heads, step + 1, dim)
         assert keys[0, 0, :, 0].tolist() == written and values[1, 2, :, 3].tolist() == [-w for w in written]
     regrowths, capacity = 0, 0  # what buffer_columns promises: MIN_SPARE of room while short, then a quarter
