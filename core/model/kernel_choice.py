@@ -9,9 +9,12 @@ that was faster at the nearest measured count at or above it (``OneDnnLinear.one
 logged and kept (``KernelChoice``) for the bench to print. Results agree with either kernel's to fp32
 rounding, so the choice changes speed only.
 
-Timing is bounded: each (shape, rows, kernel) cell runs at least ``MIN_RUNS`` times and until ``CELL_SECONDS``
-have passed (at most ``MAX_RUNS``), after one untimed warm-up run (oneDNN packs and JITs on first use); a cell's
-time is its fastest run.
+Timing is bounded: each (shape, rows, kernel) cell runs at least ``MIN_RUNS`` passes and until ``CELL_SECONDS``
+have passed (at most ``MAX_RUNS``), after one untimed warm-up pass (oneDNN packs and JITs on first use); a pass
+calls the kernel once on each of up to ``MAX_COPIES`` copies of the weight (``STREAM_BYTES``: from memory, as in
+a forward, not from the cache; weights under ``STREAMED_FROM`` are timed alone), and a cell's time is its
+fastest pass per call. q/k/v and gate/up run as one GEMM each (``fused_linears``) at the row counts where that
+took at most ``FUSED_MARGIN`` of the members' own GEMMs; their fused shapes are timed like the others.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loramux.core.model.fused_linears import FusedSiblings, fuse_siblings, fused_layers
 from loramux.core.model.linear_kernels import (
     LinearKernel,
     OneDnnLinear,
+    _onednn_linear,
+    _pack,
     onednn_dtypes,
     plain_linears,
     use_linear_kernel,
@@ -37,6 +43,16 @@ from loramux.core.model.linear_kernels import (
 log = logging.getLogger(__name__)
 
 MIN_RUNS: Final = 3
+# A forward streams every weight from memory (a model's linears are larger than the cache), but one layer
+# timed over and over runs from the cache: 512x512 at one row took 0.012 ms that way on the Intel Xeon, a
+# twentieth of a streamed read. Each cell cycles through copies of the weight adding up to this many bytes
+# (past the L3 caches of the CPUs seen, 32 MB), so the kernel that streams faster wins.
+STREAM_BYTES: Final = 64 * 2**20
+MAX_COPIES: Final = 64
+# q/k/v (gate/up) run as one GEMM at a row count where it took at most this share of the members' GEMMs: the
+# margin covers timing noise and the slicing: one row, measured 5 % faster fused, ran a forward 5 % slower
+FUSED_MARGIN: Final = 0.8
+STREAMED_FROM: Final = 256 * 2**10  # a smaller weight (the tests' tiny models) is timed alone: start stays fast
 MAX_RUNS: Final = 50  # tiny layers (the tests' models) cost microseconds a cell
 CELL_SECONDS: Final = 0.01
 
@@ -102,6 +118,8 @@ def start_linear_kernels(
     in use (TORCH where oneDNN cannot run) and, for AUTO, what was measured."""
     if kernel is not LinearKernel.AUTO:
         used, choice = use_linear_kernel(model, kernel), None
+        if used is LinearKernel.ONEDNN:
+            fuse_onednn_siblings(model)  # fused at every row count, as every layer is on oneDNN
     else:
         choice = choose_kernels(model, rows=row_buckets(max_batch_rows=max_batch_rows, prefill_rows=prefill_rows))
         used = LinearKernel.AUTO if choice is not None else LinearKernel.TORCH
@@ -115,7 +133,8 @@ def compile_decode_kernels(model: nn.Module, *, max_batch_rows: int) -> None:
     many rows, and not as memory that appears while serving. Measured (AMD EPYC, the bench's model, 4 shapes):
     0.15 s here, and 70 MiB of oneDNN's cache that a server grew while its batch passed through those sizes
     (`make bench-scale` counted it against the adapters' budget). Layers on torch's GEMM need nothing."""
-    on_cpu = [m for m in plain_linears(model) if isinstance(m, OneDnnLinear) and m.weight.device.type == "cpu"]
+    layers = [*plain_linears(model), *fused_layers(model)]
+    on_cpu = [m for m in layers if isinstance(m, OneDnnLinear) and m.weight.device.type == "cpu"]
     by_shape = _one_per_shape(on_cpu)
     start = time.perf_counter()
     with torch.no_grad():
@@ -138,6 +157,8 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
         use_linear_kernel(model, LinearKernel.TORCH)
         return None
     use_linear_kernel(model, LinearKernel.ONEDNN)  # packs once; a shape torch wins everywhere drops its copy
+    groups = fuse_onednn_siblings(model)
+    candidates += [group.layer for group in groups]  # timed like the others: a fused shape gets its own table
     by_shape = _one_per_shape(candidates)  # OneDnnLinear now
     timings = []
     with torch.no_grad():
@@ -153,15 +174,53 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
         module.onednn_rows = table
         if not any(wins for _, wins in table):
             module.drop_packed()
+    for group in groups:
+        group.fused_rows = _fused_rows(choice, group)
+        for member in group.members:  # unfused, a member runs torch's GEMM: it has no packed copy of its own
+            assert isinstance(member, OneDnnLinear)
+            member.onednn_rows = tuple((n, False) for n, _ in group.fused_rows)
     log.info("linear kernel auto: %s\n%s", choice.summary, choice.describe())
+    if groups:
+        log.info("q/k/v and gate/up as one GEMM at rows: %s", groups[0].fused_rows)
     return choice
+
+
+def _fused_rows(choice: KernelChoice, group: FusedSiblings) -> tuple[tuple[int, bool], ...]:
+    """(rows, fuse) by rows: one GEMM where it took at most FUSED_MARGIN of the members' own (on torch's GEMM,
+    as unfused members run: see fuse_onednn_siblings), the fused layer on its faster kernel."""
+    best = {((t.out_features, t.in_features, t.dtype), t.rows): t for t in choice.timings}
+    table = []
+    for n in sorted({t.rows for t in choice.timings}):
+        fused = best[_shape(group.layer), n]
+        separate = sum(best[_shape(m), n].torch_s for m in group.members)
+        table.append((n, min(fused.onednn_s, fused.torch_s) <= FUSED_MARGIN * separate))
+    return tuple(table)
+
+
+def fuse_onednn_siblings(model: nn.Module) -> list[FusedSiblings]:
+    """q/k/v and gate/up as one GEMM each (fused_linears.py); the group's layer takes over the members' packed
+    copies (the memory stays that of one packed copy). Returns the groups."""
+    layers: list[FusedSiblings] = []
+    for group in fuse_siblings(model, layer_class=OneDnnLinear):
+        members: list[OneDnnLinear] = group.members  # type: ignore[assignment]
+        layer = group.layer
+        assert isinstance(layer, OneDnnLinear)
+        layer.packs = all(m.packs for m in members)
+        for member in members:
+            member.drop_packed()
+        if layer.packs:
+            layer.prepack()
+        layers.append(group)
+    return layers
 
 
 def _one_per_shape(modules: Sequence[nn.Linear]) -> dict[Shape, OneDnnLinear]:
     """The first layer of each distinct shape (oneDNN's kernels depend on the shape, not the weights)."""
     by_shape: dict[Shape, OneDnnLinear] = {}
     for module in modules:
-        by_shape.setdefault(_shape(module), module)  # type: ignore[arg-type]
+        kept = by_shape.setdefault(_shape(module), module)  # type: ignore[arg-type]
+        if not kept.packs and getattr(module, "packs", False):  # a fused group's member has no packed copy:
+            by_shape[_shape(module)] = module  # type: ignore[assignment]  # time oneDNN on a layer that has one
     return by_shape
 
 
@@ -170,24 +229,32 @@ def _shape(module: nn.Linear) -> Shape:
 
 
 def _time_kernel(kernel: LinearKernel, module: nn.Linear, rows: int) -> float:
-    x = torch.randn(rows, module.in_features, dtype=module.weight.dtype)
-    if kernel is LinearKernel.ONEDNN:  # the layer's own forward: no table yet, so oneDNN at every row count
-        assert isinstance(module, OneDnnLinear) and module.onednn_rows is None
+    """Seconds one call takes, with the weight coming from memory as in a forward (see STREAM_BYTES)."""
+    weight = module.weight.detach()
+    nbytes = weight.numel() * weight.element_size()
+    copies = min(MAX_COPIES, -(-STREAM_BYTES // nbytes)) if nbytes >= STREAMED_FROM else 1
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    x = torch.randn(rows, module.in_features, dtype=weight.dtype)
+    if kernel is LinearKernel.ONEDNN:  # as the layer's own forward runs it: on its packed weight, or the plain one
+        assert isinstance(module, OneDnnLinear)
+        operands = [_pack(w) for w in weights] if module.packs else weights
 
-        def run() -> Tensor:
-            return module(x)
+        def run(i: int) -> Tensor:
+            return _onednn_linear(x, operands[i], module.bias)
     else:
 
-        def run() -> Tensor:
-            return F.linear(x, module.weight, module.bias)
+        def run(i: int) -> Tensor:
+            return F.linear(x, weights[i], module.bias)
 
-    run()  # untimed: first-use JIT and packing
-    # the fastest run, not the mean: on a shared VM a stolen slice lands in whichever cell runs then, and a
+    for i in range(copies):  # untimed: first-use JIT, and every copy touched once
+        run(i)
+    # the fastest pass, not the mean: on a shared VM a stolen slice lands in whichever cell runs then, and a
     # mean carries it into the choice (bench.engine saw auto at 0.90x the better fixed kernel on a noisy hour)
     runs, start, best = 0, time.perf_counter(), float("inf")
     while runs < MIN_RUNS or (runs < MAX_RUNS and time.perf_counter() - start < CELL_SECONDS):
         began = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - began)
+        for i in range(copies):
+            run(i)
+        best = min(best, (time.perf_counter() - began) / copies)
         runs += 1
     return best

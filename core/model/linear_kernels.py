@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
+FUSED: Final = "_loramux_fused"  # a member layer's __dict__ key of its fused_linears.FusedSiblings
+
 
 class LinearKernel(enum.Enum):
     """The GEMM behind the model's nn.Linear layers on CPU."""
@@ -71,6 +73,11 @@ class OneDnnLinear(nn.Linear):
     onednn_rows: tuple[tuple[int, bool], ...] | None = None
 
     def forward(self, input: Tensor) -> Tensor:
+        group = self.__dict__.get(FUSED)  # a member of sibling layers run as one GEMM (fused_linears.py)
+        if group is not None:
+            out = group.output_of(self, input)
+            if out is not None:
+                return out
         weight = self.weight
         if (
             input.device.type == "cpu"
@@ -116,6 +123,11 @@ class OneDnnLinear(nn.Linear):
         # copies and pickles leave the packed weight behind (opaque tensors can be neither), rebuilt on use
         state = dict(self.__dict__)
         state.pop(_PACKED, None)
+        if state.pop(FUSED, None) is not None:  # a copy is a layer of its own: unfused, its weight not a view
+            state["_parameters"] = {
+                k: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) if p is not None else None
+                for k, p in self._parameters.items()
+            }
         return state
 
 
@@ -161,6 +173,7 @@ def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
         module.__dict__.pop(_PACKED, None)
         module.__dict__.pop("packs", None)
         module.__dict__.pop("onednn_rows", None)
+        module.__dict__.pop(FUSED, None)  # fused again, if at all, by kernel_choice after this switch
     packs = onednn and _packed_copies_fit(switched)
     for module in switched:
         module.__class__ = OneDnnLinear if onednn else nn.Linear
