@@ -82,3 +82,8 @@ def ratio_bound(tokens_per_s_without: float, adapter_bytes_per_token: float, gb_
     """Best ratio if everything but reading each row's adapter cost what it costs without distinct adapters."""
     seconds_without = 1 / tokens_per_s_without
     return seconds_without / (seconds_without + adapter_bytes_per_token / (gb_per_s * 1e9))
+
+
+def streaming_bound(rows: int, weight_bytes: int, gb_per_s: float) -> float:
+    """Tokens/s of a decode at ``rows`` rows if each step cost only reading ``weight_bytes`` once at ``gb_per_s``."""
+    return rows * gb_per_s * 1e9 / weight_bytes
