@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loramux.core.model.fused_linears import FUSED, fused_layers
-from loramux.core.model.kernel_choice import start_linear_kernels
+from loramux.core.model.kernel_choice import choose_kernels, start_linear_kernels
 from loramux.core.model.linear_kernels import LinearKernel, onednn_works, use_linear_kernel
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN linear")
@@ -124,3 +124,26 @@ def test_torch_kernel_unfuses_and_a_copy_is_a_plain_unfused_model() -> None:
     assert use_linear_kernel(model, LinearKernel.TORCH) is LinearKernel.TORCH
     assert fused_layers(model) == []
     assert start(model, LinearKernel.TORCH) is LinearKernel.TORCH and fused_layers(model) == []
+
+
+def test_auto_fuses_at_the_row_counts_where_one_gemm_beat_the_members() -> None:
+    model = tiny_llama(layers=1)
+    fused_shapes = {32 + 16 + 16, 48 + 48}  # q/k/v and gate/up stacked
+
+    def timer(kernel: LinearKernel, module: torch.nn.Module, rows: int) -> float:
+        cost = 1e-3 * module.out_features  # ms per output feature, either kernel
+        if module.out_features in fused_shapes:
+            return cost * (0.5 if rows == 8 else 1.2)  # one GEMM: half the members' time at 8 rows, worse at 1
+        return cost
+
+    choose_kernels(model, rows=(1, 8), timer=timer)
+    mlp = model.model.layers[0].mlp
+    group = mlp.up_proj.__dict__[FUSED]
+    assert group.fused_rows == ((1, False), (8, True))
+    assert mlp.gate_proj.onednn_rows == ((1, False), (8, False))  # unfused, a member runs torch's GEMM
+    x1, x8 = torch.randn(1, 32), torch.randn(8, 32)
+    with torch.no_grad():
+        assert group.output_of(mlp.gate_proj, x1) is None  # one row: the member's own GEMM
+        got = group.output_of(mlp.gate_proj, x8)
+    assert got is not None
+    torch.testing.assert_close(got, F.linear(x8, mlp.gate_proj.weight), rtol=1e-5, atol=1e-5)
