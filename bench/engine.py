@@ -99,7 +99,7 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
 
 
 def engine_with(
-    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: LinearKernel = LinearKernel.AUTO
+    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: LinearKernel = LinearKernel.AUTO, lean: bool = True
 ) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
@@ -107,7 +107,8 @@ def engine_with(
     for i, path in enumerate(paths):
         manager.load_adapter(str(path), f"a{i}")
         names.append(f"a{i}")
-    return Engine(model, tokenizer, manager, EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel)), names
+    config = EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel, lean_decode_step=lean)
+    return Engine(model, tokenizer, manager, config), names
 
 
 T = TypeVar("T")
@@ -132,6 +133,7 @@ def engine_case(
     pick: Callable[[list[str]], list],
     *,
     kernel: LinearKernel = LinearKernel.AUTO,
+    lean: bool = True,
     **extra: object,
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
@@ -144,7 +146,8 @@ def engine_case(
 
     def run(latencies: dict | None = None) -> float:
         # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
-        engine, names = in_fresh_thread(lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel))
+        build = lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel, lean=lean)  # noqa: E731
+        engine, names = in_fresh_thread(build)
         try:
             run_engine(engine, pick(names), **extra)  # warm-up, untimed
             return run_engine(engine, pick(names), latencies=latencies, **extra)
@@ -216,6 +219,9 @@ def main() -> None:
                 "engine no adapters, oneDNN GEMM": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.ONEDNN
                 ),
+                "engine no adapters, transformers forward": engine_case(
+                    base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, lean=False
+                ),
                 "transformers generate": hf_generate(base),
                 "peft mixed-batch generate": hf_generate(s["peft"], adapter_names=s["names"]),
                 "peft sequential set_adapter+generate": peft_sequential(s["peft"], s["names"]),
@@ -279,6 +285,8 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
     print("== ratios")
     for label, ratio, goal in ratios:
         print(f"{label:52} {ratio:6.2f}x  (goal >= {goal}x) {'ok' if ratio >= goal else 'MISSED'}")
+    lean = bare / tput["engine no adapters, transformers forward"]
+    print(f"{'decode step vs transformers forward (no adapters)':52} {lean:6.2f}x  (no goal: model.decode_step)")
     print("== latency, 64 concurrent requests over 64 adapters")
     for key, label in (("ttft", "time to first token"), ("itl", "inter-token latency")):
         values = sorted(latencies[key])

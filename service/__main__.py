@@ -42,10 +42,7 @@ _ENGINE_FLAGS = (  # EngineConfig field, help
     ("max_prompt_tokens", "prompt tokens per request; beyond: RESOURCE_EXHAUSTED"),
     ("default_max_new_tokens", "max_new_tokens when a request sets none"),
     ("max_new_tokens_ceiling", "largest max_new_tokens a request may ask"),
-    (
-        "max_prefill_tokens",
-        "padded prompt columns prefilled per step, cached ones included; more join at the next steps",
-    ),
+    ("max_prefill_tokens", "padded prompt columns prefilled per step, cached ones included; more join next steps"),
     ("prefill_chunk_tokens", "longer prompts are prefilled this many tokens per step, between decode steps"),
 )
 
@@ -216,6 +213,9 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         help="decode steps attend over the whole left-padded cache, not each row's own columns",
     )
     g.add_argument(
+        "--no-lean-decode-step", dest="lean_decode_step", action="store_false", help="decode steps call the forward"
+    )
+    g.add_argument(
         "--linear-kernel",
         choices=[k.value for k in LinearKernel],
         default=kernel,
@@ -312,6 +312,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         prefix_block_tokens=args.prefix_block_tokens,
         linear_kernel=LinearKernel(args.linear_kernel),
         ragged_attention=args.ragged_attention,
+        lean_decode_step=args.lean_decode_step,
         join_wait_steps=args.join_wait_steps,
         join_fraction=args.join_fraction,
     )

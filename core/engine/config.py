@@ -43,6 +43,9 @@ class EngineConfig:
     # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
     # (loramux.core.model.ragged_attention); False keeps one SDPA call over the whole padded width.
     ragged_attention: bool = True
+    # Decode steps of a Llama-family model call its modules directly, without transformers' forward around
+    # them (loramux.core.model.decode_step; the same logits bit for bit, checked at start); False: the forward.
+    lean_decode_step: bool = True
     # Bytes of prompt KV kept for reuse by later prompts that start the same way, per owner (base model or one
     # adapter load; prefix_cache.py); 0 turns the cache off; None: PREFIX_CACHE_DEFAULT_BYTES, at most
     # PREFIX_CACHE_MEMORY_FRACTION of the memory available when the engine starts.

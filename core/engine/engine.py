@@ -49,9 +49,10 @@ from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap
 from loramux.core.lora.workspace import RoutingWorkspace
 from loramux.core.memory import ArenaStats, BufferArena
 from loramux.core.model import kv_batch
+from loramux.core.model.decode_step import Decoder
 from loramux.core.model.kernel_choice import KernelChoice, start_linear_kernels
 from loramux.core.model.kv_cache import GrowableCache
-from loramux.core.model.ragged_attention import SEGMENTS_KWARG, decode_segments, use_ragged_attention
+from loramux.core.model.ragged_attention import decode_segments, use_ragged_attention
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Engine:
         self._workspace = RoutingWorkspace(rows=config.max_batch_rows)  # the decode plan's stacks, kept
         self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
         self._ragged = False  # decode attention skips rows' left padding (loramux.core.model.ragged_attention)
+        self._decoder: Decoder  # a decode step's logits (model.decode_step), set by the engine thread
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
         self.kernel_choice: KernelChoice | None = None  # what --linear-kernel auto measured
@@ -210,6 +212,7 @@ class Engine:
             rows = {"max_batch_rows": config.max_batch_rows, "prefill_rows": config.prefill_chunk_tokens}
             self.linear_kernel, self.kernel_choice = start_linear_kernels(self.model, config.linear_kernel, **rows)
             self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
+            self._decoder = Decoder(self.model, lean=self.config.lean_decode_step)
             self.limits = resolve_limits(self.config, self.model, self.tokenizer)
             cache = PrefixCache(max_bytes=self.limits.prefix_cache_bytes, block_tokens=self.config.prefix_block_tokens)
             self._prefixes = RowPrefixes(cache)
@@ -326,22 +329,17 @@ class Engine:
             self._plan = build_plan([r.weights for r in rows], workspace=self._workspace)
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self._device)  # (N, 1)
         positions = kv_batch.next_positions(self._mask)  # (N, 1)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        mask = self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         # each row's real tokens, the one fed now included: its position + 1 (no second pass over the mask)
-        segments = decode_segments((positions[:, 0] + 1).tolist(), self._mask.shape[1]) if self._ragged else None
-        with use_plan(self._plan):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self._mask,
-                position_ids=positions,
-                past_key_values=self._cache,
-                use_cache=True,
-                **({SEGMENTS_KWARG: segments} if segments is not None else {}),
+        segments = decode_segments((positions[:, 0] + 1).tolist(), mask.shape[1]) if self._ragged else None
+        with use_plan(plan := self._plan):
+            logits = self._decoder(
+                ids, positions=positions, mask=mask, cache=self._cache, segments=segments, routes=plan.routes
             )
         self.steps += 1
         if self._on_step is not None:
             self._on_step(len(rows))
-        self._emit(rows, out.logits[:, -1, :])
+        self._emit(rows, logits)
 
     def _emit(self, rows: Sequence[Row], logits: Tensor) -> None:
         emit_tokens(rows, logits, eos=self._eos)

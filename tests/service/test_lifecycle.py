@@ -136,13 +136,14 @@ def test_flags_make_one_frozen_config(adapter_dirs, tmp_path):
     flags = (
         "--max-batch-rows 4 --max-queued 8 --max-prompt-tokens 100 --max-total-tokens 200 --max-adapters 3"
         " --max-rank 16 --dtype float32 --device cpu --port 0 --grace-period 2.5 --max-message-mb 8"
-        " --linear-kernel torch --no-ragged-attention"
+        " --linear-kernel torch --no-ragged-attention --no-lean-decode-step"
     ).split()
     model = ["--model", str(tmp_path), "--adapter", f"math={adapter_dirs['math']}", "--default-adapter", "math"]
     args = service_main.build_parser().parse_args([*model, *flags])
     config = service_main.config_from_args(args, {"HF_TOKEN": "hf_secret"})
     assert config.engine.max_batch_rows == 4 and config.engine.max_queued == 8
     assert config.engine.linear_kernel is LinearKernel.TORCH and config.engine.ragged_attention is False
+    assert config.engine.lean_decode_step is False
     assert (config.engine.max_prompt_tokens, config.engine.max_total_tokens) == (100, 200)
     assert (config.max_adapters, config.max_rank, config.default_adapter) == (3, 16, "math")
     assert config.adapters[0].name == "math" and config.network.max_message_bytes == 8 << 20

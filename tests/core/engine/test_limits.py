@@ -146,15 +146,16 @@ def test_an_oversize_text_is_refused_before_tokenizing(base_model, tokenizer, mo
 def test_a_failed_forward_ends_every_row_and_the_next_request_succeeds(base_model, tokenizer):
     model = copy.deepcopy(base_model)
     engine = engine_for(model, tokenizer, max_batch_rows=4)
-    forward, failing = model.forward, threading.Event()
+    head = model.lm_head  # called by every forward, and by the engine's own decode step (model.decode_step)
+    forward, failing = head.forward, threading.Event()
 
-    def flaky(*args, **kwargs):
-        if failing.is_set() and kwargs["input_ids"].shape[1] == 1:  # a decode step
+    def flaky(hidden):
+        if failing.is_set() and hidden.shape[1] == 1:  # a decode step: one token per row
             failing.clear()
             raise RuntimeError("injected: a decode step failed")
-        return forward(*args, **kwargs)
+        return forward(hidden)
 
-    model.forward = flaky
+    head.forward = flaky
     try:
         channels = [
             engine.submit(GenerationRequest(prompt=[5, 6, i], max_new_tokens=50, ignore_eos=True)) for i in range(7, 10)

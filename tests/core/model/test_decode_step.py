@@ -1,0 +1,158 @@
+"""loramux's Llama decode step: the forward's logits bit for bit (padding, ragged runs, fused GEMMs, LoRA routes),
+and the forward kept for everything it does not cover."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from loramux.core import AdapterManager
+from loramux.core.model.decode_step import decode_step_for
+from loramux.core.model.fused_linears import FUSED
+from loramux.core.model.kernel_choice import start_linear_kernels
+from loramux.core.model.kv_batch import next_positions, prefill_positions
+from loramux.core.model.kv_cache import GrowableCache
+from loramux.core.model.linear_kernels import LinearKernel, onednn_works
+from loramux.core.model.ragged_attention import SEGMENTS_KWARG, use_ragged_attention
+from tests.conftest import build_base
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: left padding
+
+
+def prepared(arch: str, kernel: LinearKernel = LinearKernel.AUTO) -> torch.nn.Module:
+    """A model as the engine runs it: kernels chosen (and q/k/v, gate/up fused where oneDNN runs), ragged SDPA."""
+    model = build_base(arch)
+    start_linear_kernels(model, kernel, max_batch_rows=4, prefill_rows=16)
+    assert use_ragged_attention(model)
+    return model
+
+
+def decode_both(model, step, *, steps: int = 4, routes=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(forward's, step's) logits (N, V) for each of ``steps`` greedy decode steps from PROMPTS; the step feeds
+    the forward's tokens, so both see the same inputs; every other step in ragged runs."""
+    width = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    caches, pairs = [GrowableCache(), GrowableCache()], []
+    with torch.no_grad():
+        for cache in caches:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=prefill_positions(mask), past_key_values=cache)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps):
+            positions = next_positions(mask)
+            mask = torch.cat([mask, mask.new_ones(len(PROMPTS), 1)], dim=1)
+            lengths = (positions[:, 0] + 1).tolist()
+            segments = [(0, 1, lengths[0]), (1, 3, max(lengths[1:]))] if i % 2 else None
+            extra = {SEGMENTS_KWARG: segments} if segments else {}
+            forward = model(
+                input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=caches[0], **extra
+            )
+            want = forward.logits[:, -1, :]
+            got = step(token, positions=positions, mask=mask, cache=caches[1], segments=segments, routes=routes or {})
+            pairs.append((want, got))
+            token = want.argmax(-1, keepdim=True)
+    return pairs
+
+
+def assert_identical(pairs) -> None:
+    for i, (want, got) in enumerate(pairs):
+        assert torch.equal(want, got), f"step {i}: differs by {(want - got).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kernel", [LinearKernel.AUTO, LinearKernel.TORCH])
+def test_the_step_gives_the_forwards_logits_bit_for_bit(arch, kernel) -> None:
+    model = prepared(arch, kernel)
+    step = decode_step_for(model)
+    assert step is not None
+    assert_identical(decode_both(model, step))
+
+
+@pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN linear: nothing is fused")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_qkv_and_gate_up_run_as_views_of_one_gemm_with_the_same_logits(arch, monkeypatch) -> None:
+    model = prepared(arch, LinearKernel.ONEDNN)
+    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get(FUSED)) is not None}.values()
+    assert len(groups) == 2 * 2  # q/k/v and gate/up in each of 2 layers
+    for group in groups:
+        group.fused_rows = None  # one GEMM at every row count
+    calls = []
+    for group in groups:
+        monkeypatch.setattr(group, "slices", lambda y, g=group: calls.append(g) or type(g).slices(g, y))
+    step = decode_step_for(model)
+    assert step is not None
+    calls.clear()
+    pairs = decode_both(model, step)
+    assert_identical(pairs)
+    # the forward hands the members copied slices (4 groups a forward: two prefills, then each decode step);
+    # the step takes views of the GEMM's output and never cuts slices
+    assert len(calls) == 4 * (2 + len(pairs))
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [  # routes on fused members (those groups call their modules), and routes beside unrouted fused groups
+        (["q_proj", "v_proj", "down_proj"], ["k_proj", "gate_proj", "o_proj"]),
+        (["o_proj", "down_proj"], ["o_proj"]),
+    ],
+    ids=["on-fused-members", "beside-fused-groups"],
+)
+def test_lora_routes_on_projections_run_inside_the_step(targets, make_adapter) -> None:
+    model = prepared("llama", LinearKernel.ONEDNN if onednn_works() else LinearKernel.TORCH)
+    manager = AdapterManager(model)
+    for name, seed, modules in zip("ab", (1, 2), targets, strict=True):
+        manager.load_adapter(str(make_adapter("llama", name, seed=seed, target_modules=modules)), name)
+    for group in {id(g): g for m in model.modules() if (g := m.__dict__.get(FUSED)) is not None}.values():
+        group.fused_rows = None  # one GEMM at every row count
+    step = decode_step_for(model)
+    assert step is not None
+    base = decode_both(model, step, steps=2)
+    with manager.routing(["a", None, "b"]) as plan:
+        assert step.covers(plan.routes)
+        routed = decode_both(model, step, steps=2, routes=plan.routes)
+    assert_identical(routed)
+    assert not torch.allclose(routed[0][0][0], base[0][0][0])  # row 0's adapter changed its logits
+    assert torch.equal(routed[0][0][1], base[0][0][1])  # the base row did not move
+
+
+def test_a_route_on_a_container_the_step_skips_needs_the_forward() -> None:
+    model = prepared("llama")
+    step = decode_step_for(model)
+    assert step is not None
+    assert step.covers(
+        {"model.layers.0.self_attn.q_proj": object(), "lm_head": object(), "model.layers.1.mlp": object()}
+    )
+    assert not step.covers({"model.layers.1.self_attn": object()})
+    assert not step.covers({"model.layers.0": object()})
+
+
+def test_models_it_does_not_cover_keep_the_forward_and_say_why(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="loramux.core.model.decode_step")
+    assert decode_step_for(build_base("gpt2")) is None
+    assert "not a decoder-only model with .model and .lm_head" in caplog.text
+    caplog.clear()
+    eager = build_base("llama")
+    eager.set_attn_implementation("eager")
+    assert decode_step_for(eager) is None
+    assert "attention 'eager'" in caplog.text
+    caplog.clear()
+    windowed = build_base("qwen2")
+    windowed.config.sliding_window, windowed.config.use_sliding_window = 16, True
+    windowed.config.layer_types = ["sliding_attention"] * 2
+    assert decode_step_for(windowed) is None
+    assert "sliding-window attention" in caplog.text and "not full attention" in caplog.text  # every reason
+
+
+def test_a_step_that_would_differ_from_the_forward_is_refused(monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="loramux.core.model.decode_step")
+    model = prepared("llama")
+    import loramux.core.model.decode_step as module
+
+    monkeypatch.setattr(
+        module, "_rotate_half", lambda x: torch.cat((x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
+    )
+    assert decode_step_for(copy.deepcopy(model)) is None
+    assert "logits differ from the forward's" in caplog.text
