@@ -3,13 +3,16 @@
 A decode step feeds one token per row through the whole model, and on a small model on CPU the framework around
 the ops costs as much as many of them: the model's forward passes through output-capturing and config-default
 decorators, builds the attention mask through transformers' mask interface, wraps outputs in dataclasses and
-calls every container as a module (bench model, 8 rows, Intel Xeon: 16.0 -> 15.0 ms a step).
+calls every container as a module (bench model, 8 rows, Intel Xeon: 16.0 -> 15.0 ms a step from that alone).
 ``LlamaDecodeStep`` runs the same computation for models whose decoder layers are Llama's (or Mistral's or
 Qwen2's, the same structure): it calls the model's own leaf modules (embedding, rotary embedding, norms, the
 projections and the MLP, the head) in the order their forward calls them, with the same tensors, so LoRA routes
 on those modules and the fused q/k/v and gate/up GEMMs work unchanged, and the logits are the forward's, bit for
-bit. ``decode_step_for`` checks the structure, then runs a probe (padded rows, with and without ragged runs) that
-must give exactly the forward's logits; anything else keeps the forward.
+bit. Where q/k/v or gate/up are fused (fused_linears.py) and carry no route, the step takes views of the one
+GEMM's output instead of the members' copied slices, and rotates q and k together (8 rows: 1.08x the forward,
+one row 1.11x; BENCHMARKS.md). ``decode_step_for`` checks the structure, then runs a probe (padded rows, ragged
+runs, every fused group forced to one GEMM) that must give exactly the forward's logits; anything else keeps the
+forward.
 
 A routing plan with a route on a module the step does not call (a decoder layer, its attention or the model
 itself as ``modules_to_save``) makes the step fall back to the forward: ``covers``.
