@@ -26,8 +26,9 @@ from typing import Any, Final
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from loramux.core.model.fused_linears import SIBLINGS, FusedSiblings
+from loramux.core.model.fused_linears import SIBLINGS, FusedSiblings, fused_groups
 from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.linear_kernels import FUSED
 from loramux.core.model.ragged_attention import NAME as RAGGED
@@ -98,7 +99,7 @@ class LlamaDecodeStep:
         # SDPA's mask as transformers builds it for one query token: none when no column is padding
         attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # (N, 1, 1, S)
         extra = {SEGMENTS_KWARG: segments} if segments is not None else {}
-        attention = _attention_function(self.config)
+        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         for i, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
             layer = _base(layer)
             attn = _base(layer.self_attn)
@@ -170,15 +171,16 @@ class Decoder:
         only when given)."""
         if self.step is not None and self.step.covers(routes):
             return self.step(ids, positions=positions, mask=mask, cache=cache, segments=segments, routes=routes)
-        extra = {SEGMENTS_KWARG: segments} if segments is not None else {}
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache}
-        return self.model(**inputs, use_cache=True, **extra).logits[:, -1, :]
+        return forward_logits(self.model, ids, positions=positions, mask=mask, cache=cache, segments=segments)
 
 
-def _attention_function(config: Any) -> Any:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+def forward_logits(
+    model: Any, ids: Tensor, *, positions: Tensor, mask: Tensor, cache: Any, segments: list[Segment] | None
+) -> Tensor:
+    """The model's forward over one decode step: logits (N, V) of the last token (segments: ragged runs)."""
+    extra = {SEGMENTS_KWARG: segments} if segments is not None else {}
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache}
+    return model(**inputs, use_cache=True, **extra).logits[:, -1, :]
 
 
 def _unsupported(model: nn.Module) -> list[str]:
@@ -236,8 +238,7 @@ def _probe(model: Any, step: LlamaDecodeStep) -> str:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)  # (2, 5): row 0 left-padded
     ids = torch.arange(1, 11, device=device).view(2, 5) % model.config.vocab_size
     ragged = model.config._attn_implementation == RAGGED
-    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get(FUSED)) is not None}.values()
-    tables = [(g, g.fused_rows) for g in groups]
+    tables = [(g, g.fused_rows) for g in fused_groups(model)]
     caches = [GrowableCache(), GrowableCache()]
     logits: list[list[Tensor]] = [[], []]
     try:
@@ -251,11 +252,9 @@ def _probe(model: Any, step: LlamaDecodeStep) -> str:
                 positions = next_positions(grown)
                 grown = torch.cat([grown, grown.new_ones(2, 1)], dim=1)
                 token = ids[:, -1:]
-                extra = {SEGMENTS_KWARG: segments} if segments is not None else {}
-                out = model(
-                    input_ids=token, attention_mask=grown, position_ids=positions, past_key_values=caches[0], **extra
+                logits[0].append(
+                    forward_logits(model, token, positions=positions, mask=grown, cache=caches[0], segments=segments)
                 )
-                logits[0].append(out.logits[:, -1, :])
                 logits[1].append(
                     step(token, positions=positions, mask=grown, cache=caches[1], segments=segments, routes={})
                 )

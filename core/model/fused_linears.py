@@ -117,14 +117,19 @@ def fuse_siblings(model: nn.Module, *, layer_class: type[nn.Linear]) -> list[Fus
     return groups
 
 
-def fused_layers(model: nn.Module) -> list[nn.Linear]:
-    """The fused GEMM layers of the model's groups (each once)."""
-    found: dict[int, nn.Linear] = {}
+def fused_groups(model: nn.Module) -> list[FusedSiblings]:
+    """The model's sibling groups (each once)."""
+    found: dict[int, FusedSiblings] = {}
     for module in model.modules():
         group = module.__dict__.get(FUSED)
         if group is not None:
-            found.setdefault(id(group), group.layer)
+            found.setdefault(id(group), group)
     return list(found.values())
+
+
+def fused_layers(model: nn.Module) -> list[nn.Linear]:
+    """The fused GEMM layers of the model's groups (each once)."""
+    return [group.layer for group in fused_groups(model)]
 
 
 def _base(module: object) -> object:

@@ -11,7 +11,7 @@ import torch
 
 from loramux.core import AdapterManager
 from loramux.core.model.decode_step import decode_step_for
-from loramux.core.model.fused_linears import FUSED
+from loramux.core.model.fused_linears import fused_groups
 from loramux.core.model.kernel_choice import start_linear_kernels
 from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.kv_cache import GrowableCache
@@ -75,7 +75,7 @@ def test_the_step_gives_the_forwards_logits_bit_for_bit(arch, kernel) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_qkv_and_gate_up_run_as_views_of_one_gemm_with_the_same_logits(arch, monkeypatch) -> None:
     model = prepared(arch, LinearKernel.ONEDNN)
-    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get(FUSED)) is not None}.values()
+    groups = fused_groups(model)
     assert len(groups) == 2 * 2  # q/k/v and gate/up in each of 2 layers
     for group in groups:
         group.fused_rows = None  # one GEMM at every row count
@@ -105,7 +105,7 @@ def test_lora_routes_on_projections_run_inside_the_step(targets, make_adapter) -
     manager = AdapterManager(model)
     for name, seed, modules in zip("ab", (1, 2), targets, strict=True):
         manager.load_adapter(str(make_adapter("llama", name, seed=seed, target_modules=modules)), name)
-    for group in {id(g): g for m in model.modules() if (g := m.__dict__.get(FUSED)) is not None}.values():
+    for group in fused_groups(model):
         group.fused_rows = None  # one GEMM at every row count
     step = decode_step_for(model)
     assert step is not None
