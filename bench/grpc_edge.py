@@ -6,8 +6,8 @@ Workload (issue #13): the bench's Llama-shaped model (hidden 512, 8 layers, fp32
 seven projections (bench/common.py), saved to a temporary folder once and preloaded by both cases with the
 same flags (``--model DIR --adapter a0=DIR ...``, every other flag the server's default); 8 concurrent
 requests of 32 prompt token ids on the 8 distinct adapters, 64 new tokens each, greedy, ignore_eos; and one
-request alone (adapter a0: a shorter step, but one message a step instead of eight). Two processes live through every
-round, each pinned to the first core with one torch thread (``taskset``, OMP_NUM_THREADS=1):
+request alone (adapter a0: a shorter step, but one message a step instead of eight). Two processes live through
+every round, each pinned to the first core with one torch thread (``taskset``, OMP_NUM_THREADS=1):
 
 * ``in-process``: a child of this bench that builds its engine with the server's own code (``config_from_args``
   on those flags, then ``build_engine`` on a thread that ends: the same model loading, pinned adapters,
@@ -17,11 +17,13 @@ round, each pinned to the first core with one torch thread (``taskset``, OMP_NUM
   client in this process, pinned to the second core (a remote caller's CPU is not the server's).
 
 They start one after the other (``--linear-kernel auto`` times the GEMMs on the core they share; both choices
-are printed, as a different one moves the ratio). After one untimed round, the cases alternate (which goes
-first swaps each round) over ROUNDS rounds, each with prompts of its own (the same for both cases: nothing for
+are printed, as a different one moves the ratio). After one untimed round, the cases take turns (which goes
+first rotates each round) over ROUNDS rounds, each with prompts of its own (the same for both cases: nothing for
 the prefix cache to reuse); medians of generated tokens/s, timed from the first submit to the last token (the
 goal), and of tokens per CPU second of the serving process, all its threads (/proc schedstat): what the edge
-costs the server, unmoved by other processes sharing the core.
+costs the server, unmoved by other processes sharing the core. Also the inter-token latency each consumer sees
+(the gaps between its token events, p50/p99/max over every timed round): what a change to the edge costs the
+stream while it moves the throughput.
 """
 
 from __future__ import annotations
@@ -40,15 +42,17 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
 from bench.common import N_ADAPTERS, bpe_tokenizer, cpu_model, llama_512, make_adapters
 from bench.engine import in_fresh_thread
 
-PROMPT_TOKENS, NEW_TOKENS, ROUNDS, GOAL = 32, 64, 5, 0.95
+PROMPT_TOKENS, NEW_TOKENS, ROUNDS, GOAL = 32, 64, 12, 0.95
 WORKLOADS = {"8 streams on 8 adapters": N_ADAPTERS, "1 stream": 1}
-CASES = ("in-process", "gRPC")
+SERVER_FLAGS: dict[str, list[str]] = {"gRPC": []}  # each server case: its flags beyond the shared ones
+CASES = ("in-process", *SERVER_FLAGS)
 READY_TIMEOUT_S, ROUND_TIMEOUT_S = 300.0, 300.0
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 CELL = re.compile(r"^(\S+ \S+ rows=\d+): .* -> (onednn|torch)$", re.MULTILINE)  # kernel_choice.describe()
@@ -88,19 +92,14 @@ def in_process_child(flags: list[str]) -> None:
     config = config_from_args(build_parser().parse_args(flags), {})
     engine = in_fresh_thread(lambda: build_engine(config))  # the server builds it on a thread that ends too
 
-    async def run(prompts: list[list[int]], adapters: list[str]) -> float:
-        async def tokens(channel: Any) -> int:
-            return sum([len(e.token_ids) async for e in channel if isinstance(e, TokenDelta)])
-
+    async def run(prompts: list[list[int]], adapters: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         channels = [
             engine.submit(GenerationRequest(prompt=tuple(p), adapter=a, max_new_tokens=NEW_TOKENS, ignore_eos=True))
             for p, a in zip(prompts, adapters, strict=True)
         ]
-        counts = await asyncio.gather(*(tokens(c) for c in channels))
-        elapsed = time.perf_counter() - start
-        assert counts == [NEW_TOKENS] * len(channels), counts
-        return len(channels) * NEW_TOKENS / elapsed
+        streams = await asyncio.gather(*(timed_tokens(c, TokenDelta) for c in channels))
+        return round_result(streams, time.perf_counter() - start)
 
     try:
         choice = engine.kernel_choice
@@ -108,7 +107,7 @@ def in_process_child(flags: list[str]) -> None:
         print(json.dumps({"kernels": kernels, "threads": torch.get_num_threads()}), flush=True)
         for line in sys.stdin:
             work = json.loads(line)
-            print(json.dumps({"tok_s": asyncio.run(run(work["prompts"], work["adapters"]))}), flush=True)
+            print(json.dumps(asyncio.run(run(work["prompts"], work["adapters"]))), flush=True)
     finally:
         engine.close()
 
@@ -141,11 +140,11 @@ class EngineChild:
             if line.startswith("{"):  # anything else a library printed is not ours
                 return json.loads(line)
 
-    def run(self, work: dict[str, list]) -> float:
+    def run(self, work: dict[str, list]) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(work) + "\n")
         self.proc.stdin.flush()
-        return float(self.reply(ROUND_TIMEOUT_S)["tok_s"])
+        return self.reply(ROUND_TIMEOUT_S)
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -160,21 +159,44 @@ class EngineChild:
 # -- the gRPC case ------------------------------------------------------------------------------------------
 
 
-async def over_grpc(client: Any, work: dict[str, list]) -> float:
+async def over_grpc(client: Any, work: dict[str, list]) -> dict[str, Any]:
     from loramux.client import TextChunk
 
-    async def tokens(prompt: list[int], adapter: str) -> int:
-        events = client.generate_events(prompt, adapter=adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-        return sum([len(e.token_ids) async for e in events if isinstance(e, TextChunk)])
-
     start = time.perf_counter()
-    counts = await asyncio.gather(*(tokens(p, a) for p, a in zip(work["prompts"], work["adapters"], strict=True)))
-    elapsed = time.perf_counter() - start
+    streams = await asyncio.gather(
+        *(
+            timed_tokens(client.generate_events(p, adapter=a, max_new_tokens=NEW_TOKENS, ignore_eos=True), TextChunk)
+            for p, a in zip(work["prompts"], work["adapters"], strict=True)
+        )
+    )
+    return round_result(streams, time.perf_counter() - start)
+
+
+# -- both cases ---------------------------------------------------------------------------------------------
+
+
+async def timed_tokens(events: AsyncIterator[Any], kind: type) -> tuple[int, list[float]]:
+    """The tokens of one stream's ``kind`` events, and the gaps between those events (ms): inter-token latency
+    as this consumer sees it."""
+    count, gaps, last = 0, [], None
+    async for event in events:
+        if isinstance(event, kind):
+            now = time.perf_counter()
+            count += len(event.token_ids)
+            if last is not None:
+                gaps.append((now - last) * 1e3)
+            last = now
+    return count, gaps
+
+
+def round_result(streams: list[tuple[int, list[float]]], elapsed: float) -> dict[str, Any]:
+    counts = [n for n, _ in streams]
     assert counts == [NEW_TOKENS] * len(counts), counts
-    return len(counts) * NEW_TOKENS / elapsed
+    return {"tok_s": sum(counts) / elapsed, "gaps_ms": [g for _, gaps in streams for g in gaps]}
 
 
-Samples = dict[str, dict[str, dict[str, list[float]]]]  # workload -> case -> "tok_s" or "tok_cpu_s" -> rounds
+Samples = dict[str, dict[str, dict[str, list[float]]]]  # workload -> case -> "tok_s", "tok_cpu_s" -> rounds;
+# "gaps_ms" -> every inter-token gap of every timed round
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,26 +210,38 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-async def measure(address: str, engine: EngineChild, server_pid: int) -> Samples:
+async def measure(servers: dict[str, tuple[str, int]], engine: EngineChild) -> Samples:
     """ROUNDS rounds after an untimed one, the cases alternating: generated tokens per second, and per CPU
-    second of the serving process (all its threads: immune to time-sharing the core with other processes)."""
+    second of the serving process (all its threads: immune to time-sharing the core with other processes).
+    ``servers``: each gRPC case's address and process id."""
+    from contextlib import AsyncExitStack
+
     from loramux.client import AsyncLoramuxClient
     from loramux.service.config import GENERATION_SERVICE
 
-    samples: Samples = {w: {c: {"tok_s": [], "tok_cpu_s": []} for c in CASES} for w in WORKLOADS}
-    async with AsyncLoramuxClient(address, timeout=ROUND_TIMEOUT_S) as client:  # one channel for every round
-        if (status := await client.health(GENERATION_SERVICE)) != "SERVING":
-            raise RuntimeError(f"the server says {status}, not SERVING")
-        for r in range(ROUNDS + 1):  # round 0 warms both up, untimed
+    samples: Samples = {w: {c: {"tok_s": [], "tok_cpu_s": [], "gaps_ms": []} for c in CASES} for w in WORKLOADS}
+    async with AsyncExitStack() as stack:  # one channel per server for every round
+        clients = {
+            case: await stack.enter_async_context(AsyncLoramuxClient(address, timeout=ROUND_TIMEOUT_S))
+            for case, (address, _) in servers.items()
+        }
+        for case, client in clients.items():
+            if (status := await client.health(GENERATION_SERVICE)) != "SERVING":
+                raise RuntimeError(f"the {case} server says {status}, not SERVING")
+        for r in range(ROUNDS + 1):  # round 0 warms all up, untimed
             for w, (workload, streams) in enumerate(WORKLOADS.items()):
                 work = batch(streams, seed=100 * r + w)
-                for case in CASES if r % 2 else CASES[::-1]:
-                    pid = server_pid if case == "gRPC" else engine.proc.pid
+                for case in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:  # which goes first rotates
+                    pid = servers[case][1] if case in servers else engine.proc.pid
                     cpu = cpu_seconds(pid)
-                    tok_s = await (over_grpc(client, work) if case == "gRPC" else asyncio.to_thread(engine.run, work))
+                    if case in clients:
+                        result = await over_grpc(clients[case], work)
+                    else:
+                        result = await asyncio.to_thread(engine.run, work)
                     cpu = cpu_seconds(pid) - cpu
                     if r:
-                        samples[workload][case]["tok_s"].append(tok_s)
+                        samples[workload][case]["tok_s"].append(result["tok_s"])
+                        samples[workload][case]["gaps_ms"].extend(result["gaps_ms"])
                         samples[workload][case]["tok_cpu_s"].append(streams * NEW_TOKENS / cpu)
     return samples
 
@@ -244,29 +278,35 @@ def main() -> None:
         pin_this_process(client_core)
         pinned = ["taskset", "-c", str(server_core), sys.executable]
         setup_s = time.perf_counter() - began
-        server: Child | None = None
+        servers: dict[str, Child] = {}
         engine: EngineChild | None = None
-        with open(folder / "engine.log", "w") as engine_log, open(folder / "server.log", "w") as server_log:
+        logs = {case: folder / f"server {i}.log" for i, case in enumerate(SERVER_FLAGS)}
+        with open(folder / "engine.log", "w") as engine_log:
             try:  # one after the other: each times its kernels on the core alone
                 engine = EngineChild([*pinned, "-m", "bench.grpc_edge", "--in-process", *flags], engine_log)
                 ready = engine.reply(READY_TIMEOUT_S)
-                argv = [*pinned, "-m", "loramux.service", "--host", "127.0.0.1", "--port", "0", *flags]
-                server = Child("loramux-server", argv, log=server_log, env=ENV)
-                address = server.wait_for_line(r"^loramux listening on (\S+)", timeout=READY_TIMEOUT_S).group(1)
-                server.wait_for_line(r"^loramux ready$", timeout=READY_TIMEOUT_S)
+                addresses = {}
+                for case, case_flags in SERVER_FLAGS.items():
+                    argv = [*pinned, "-m", "loramux.service", "--host", "127.0.0.1", "--port", "0", *case_flags]
+                    with open(logs[case], "w") as log:  # the child holds its own copy of the descriptor
+                        servers[case] = server = Child(case, [*argv, *flags], log=log, env=ENV)
+                    line = server.wait_for_line(r"^loramux listening on (\S+)", timeout=READY_TIMEOUT_S)
+                    server.wait_for_line(r"^loramux ready$", timeout=READY_TIMEOUT_S)
+                    addresses[case] = (line.group(1), server.pid)
                 start_s = time.perf_counter() - began - setup_s
-                samples = asyncio.run(measure(address, engine, server.pid))
+                samples = asyncio.run(measure(addresses, engine))
             except BaseException:
-                for log in (engine_log, server_log):
-                    log.flush()
-                    sys.stderr.write(f"-- {log.name} (tail):\n{Path(log.name).read_text()[-3000:]}\n")
+                engine_log.flush()
+                for log in (folder / "engine.log", *logs.values()):
+                    if log.exists():
+                        sys.stderr.write(f"-- {log.name} (tail):\n{log.read_text()[-3000:]}\n")
                 raise
             finally:
-                if server is not None:
+                for server in servers.values():
                     server.stop(timeout=30)
                 if engine is not None:
                     engine.close()
-        served = re.search(r"linear kernel auto: (.*)\n((?:.*\n)*)", (folder / "server.log").read_text())
+        served = re.search(r"linear kernel auto: (.*)\n((?:.*\n)*)", logs["gRPC"].read_text())
         server_kernels = f"{served.group(1)}\n{served.group(2)}" if served else "?"
     print(
         f"engine and server on core {server_core}, one torch thread each (in-process: torch.get_num_threads() = "
@@ -293,15 +333,29 @@ def report(samples: Samples, engine_kernels: str, server_kernels: str) -> None:
             print(f"{case + ', ' + workload:40} {tok_s:8.1f} tok/s {tok_cpu_s:8.1f} tok/CPU-s")
     print("== ratios, gRPC edge vs in-process")
     for workload, by_case in samples.items():
-        grpc, local = by_case["gRPC"], by_case["in-process"]
-        ratio = statistics.median(grpc["tok_s"]) / statistics.median(local["tok_s"])
-        cpu_ratio = statistics.median(grpc["tok_cpu_s"]) / statistics.median(local["tok_cpu_s"])
-        verdict = "ok" if ratio >= GOAL else "MISSED"
-        print(f"{'tokens/s, ' + workload:54} {ratio:6.2f}x  (goal >= {GOAL}x) {verdict}")
-        print(f"{'tokens per server CPU second, ' + workload:54} {cpu_ratio:6.2f}x  (no goal)")
-        for key in ("tok_s", "tok_cpu_s"):
-            rounds = ", ".join(f"{g / i:.2f}" for g, i in zip(grpc[key], local[key], strict=True))
-            print(f"  rounds, {'tokens/s' if key == 'tok_s' else 'per CPU second'}: {rounds}")
+        local = by_case["in-process"]
+        for case in SERVER_FLAGS:
+            ratio = statistics.median(by_case[case]["tok_s"]) / statistics.median(local["tok_s"])
+            cpu_ratio = statistics.median(by_case[case]["tok_cpu_s"]) / statistics.median(local["tok_cpu_s"])
+            goal = f"(goal >= {GOAL}x) {'ok' if ratio >= GOAL else 'MISSED'}" if case == "gRPC" else "(no goal)"
+            print(f"{'tokens/s, ' + case + ', ' + workload:70} {ratio:6.2f}x  {goal}")
+            print(f"{'tokens per server CPU second, ' + case + ', ' + workload:70} {cpu_ratio:6.2f}x  (no goal)")
+            for key in ("tok_s", "tok_cpu_s"):
+                pairs = zip(by_case[case][key], local[key], strict=True)
+                print(
+                    f"  rounds, {'tokens/s' if key == 'tok_s' else 'per CPU second'}: "
+                    + ", ".join(f"{g / i:.2f}" for g, i in pairs)
+                )
+    print("== inter-token latency as the consumer sees it, ms (every gap of every timed round)")
+    for workload, by_case in samples.items():
+        for case, m in by_case.items():
+            p50, p99 = percentile(m["gaps_ms"], 0.50), percentile(m["gaps_ms"], 0.99)
+            print(f"{case + ', ' + workload:54} p50 {p50:6.2f}  p99 {p99:6.2f}  max {max(m['gaps_ms']):7.2f}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 if __name__ == "__main__":
