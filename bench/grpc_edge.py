@@ -211,7 +211,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(servers: dict[str, tuple[str, int]], engine: EngineChild) -> Samples:
-    """ROUNDS rounds after an untimed one, the cases alternating: generated tokens per second, and per CPU
+    """ROUNDS rounds after an untimed one, the cases taking turns: generated tokens per second, and per CPU
     second of the serving process (all its threads: immune to time-sharing the core with other processes).
     ``servers``: each gRPC case's address and process id."""
     from contextlib import AsyncExitStack

@@ -17,21 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from bench.common import cpu_model
+from bench.grpc_edge import cpu_seconds
 
 STREAMS, MESSAGES, PERIOD_S, RUNS = 8, 800, 0.01, 3
-
-
-def cpu_seconds() -> float:
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            total += int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
-        except FileNotFoundError:  # a thread that just ended
-            pass
-    return total / 1e9
 
 
 def feed(loop: asyncio.AbstractEventLoop, queues: list[asyncio.Queue[int | None]]) -> None:
@@ -52,6 +42,13 @@ async def serve(mode: str) -> None:
     joined: asyncio.Queue[asyncio.Queue[int | None]] = asyncio.Queue()
     for q in queues:
         joined.put_nowait(q)
+    all_joined = asyncio.Event()
+
+    def take_queue() -> asyncio.Queue[int | None]:
+        q = joined.get_nowait()
+        if joined.empty():
+            all_joined.set()
+        return q
 
     async def messages(q: asyncio.Queue[int | None]):  # type: ignore[no-untyped-def]
         while (item := await q.get()) is not None:
@@ -59,7 +56,7 @@ async def serve(mode: str) -> None:
 
     class Bare(gsg.GenerationServiceServicer):
         async def Generate(self, request, context):  # type: ignore[no-untyped-def]
-            async for response in messages(joined.get_nowait()):
+            async for response in messages(take_queue()):
                 yield response
 
     async def drop_all(q: asyncio.Queue[int | None]) -> None:
@@ -74,11 +71,10 @@ async def serve(mode: str) -> None:
         await server.start()
         print(port, flush=True)
         done = asyncio.gather(server.wait_for_termination())
-        while not joined.empty():  # every stream has arrived
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(all_joined.wait(), timeout=60)  # every stream has arrived
     else:
-        done = asyncio.gather(*(drop_all(joined.get_nowait()) for _ in range(STREAMS)))
-    start = cpu_seconds()
+        done = asyncio.gather(*(drop_all(take_queue()) for _ in range(STREAMS)))
+    start = cpu_seconds(os.getpid())
     feeder = threading.Thread(target=feed, args=(loop, queues), name="feeder")
     feeder.start()
     await asyncio.to_thread(feeder.join)
@@ -86,7 +82,7 @@ async def serve(mode: str) -> None:
         await asyncio.to_thread(sys.stdin.readline)  # the client got every message
         await server.stop(None)
     await done
-    print(f"{(cpu_seconds() - start) / (STREAMS * MESSAGES) * 1e6:.1f}", flush=True)
+    print(f"{(cpu_seconds(os.getpid()) - start) / (STREAMS * MESSAGES) * 1e6:.1f}", flush=True)
 
 
 async def client(port: int) -> None:
