@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix proto proto-lint proto-check run clean
 .PHONY: bench-cluster bench-grpc-edge
-.PHONY: bench-peers
+.PHONY: bench-peers bench-bf16
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -64,6 +64,10 @@ bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale b
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
+
+# bf16 weights vs fp32 on this CPU (a question for CPUs with AMX or AVX-512-BF16; not in `make bench`)
+bench-bf16: $(STAMP)
+	$(PY) -m bench.bf16
 
 bench-long-prompt: $(STAMP)
 	$(PY) -m bench.long_prompt

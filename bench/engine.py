@@ -99,13 +99,20 @@ def peft_sequential(peft_model, names: list[str]) -> Callable[[], float]:
 
 
 def engine_with(
-    base, tokenizer, paths: list[Path], *, max_rows: int, kernel: LinearKernel = LinearKernel.AUTO, lean: bool = True
+    base,
+    tokenizer,
+    paths: list[Path],
+    *,
+    max_rows: int,
+    kernel: LinearKernel = LinearKernel.AUTO,
+    lean: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
     names = []
     for i, path in enumerate(paths):
-        manager.load_adapter(str(path), f"a{i}")
+        manager.load_adapter(str(path), f"a{i}", autocast_adapter_dtype=autocast_adapter_dtype)
         names.append(f"a{i}")
     config = EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel, lean_decode_step=lean)
     return Engine(model, tokenizer, manager, config), names
@@ -134,6 +141,7 @@ def engine_case(
     *,
     kernel: LinearKernel = LinearKernel.AUTO,
     lean: bool = True,
+    autocast_adapter_dtype: bool = True,
     **extra: object,
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
@@ -146,7 +154,9 @@ def engine_case(
 
     def run(latencies: dict | None = None) -> float:
         # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
-        build = lambda: engine_with(base, tokenizer, paths, max_rows=64, kernel=kernel, lean=lean)  # noqa: E731
+        build = lambda: engine_with(  # noqa: E731
+            base, tokenizer, paths, max_rows=64, kernel=kernel, lean=lean, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         engine, names = in_fresh_thread(build)
         try:
             run_engine(engine, pick(names), **extra)  # warm-up, untimed
