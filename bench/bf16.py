@@ -6,7 +6,7 @@ Issue #13 asks for a `--dtype bfloat16` fast path on CPUs with AMX or AVX-512-BF
 decode step streams, with fp32 accumulation. The workload is bench.engine's (its model, adapters, rows and
 tokens, fresh engines built on threads that end first, interleaved rounds, medians); the adapters load as
 PEFT loads them by default (`autocast_adapter_dtype=True`: fp32 beside a bf16 base), and once more in bf16
-(`autocast_adapter_dtype=False`). It prints the CPU, what `--linear-kernel auto` chose for each dtype,
+(`autocast_adapter_dtype=False`). It prints the CPU, what `--linear-kernel auto` measured and chose for each dtype,
 tokens/s, the bf16 / fp32 ratio of each case and what the adapters cost in each dtype.
 """
 
@@ -20,19 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.common import bpe_tokenizer, cpu_model, llama_512, make_adapters
-from bench.engine import ROUNDS, ROWS, engine_case, engine_with, in_fresh_thread, measure
+from bench.engine import ROUNDS, ROWS, engine_case, in_fresh_thread, measure, report_kernel_choice
 from loramux.core import AdapterSelection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def kernel_choice(base, tokenizer) -> str:
-    engine, _ = engine_with(base, tokenizer, [], max_rows=64)
-    try:
-        choice = engine.kernel_choice
-        return choice.summary if choice is not None else engine.linear_kernel.value
-    finally:
-        engine.close()
 
 
 def main() -> None:
@@ -44,8 +35,7 @@ def main() -> None:
         bases = {name: in_fresh_thread(lambda d=dtype: copy.deepcopy(base).to(d)) for name, dtype in DTYPES.items()}
         print(f"== bench.bf16 on {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
         for name, model in bases.items():
-            chosen = in_fresh_thread(lambda m=model: kernel_choice(m, tok))
-            print(f"== linear kernels, {name}, --linear-kernel auto: {chosen}", flush=True)
+            in_fresh_thread(lambda m=model, n=name: report_kernel_choice(m, tok, label=f"{n}, "))
         base_rows = lambda n: lambda _: [AdapterSelection.BASE] * n  # noqa: E731
         cases = {}
         for name, model in bases.items():

@@ -167,7 +167,7 @@ def engine_case(
     return run
 
 
-def report_kernel_choice(base, tokenizer) -> None:
+def report_kernel_choice(base, tokenizer, *, label: str = "") -> None:
     """What ``--linear-kernel auto`` (the engines' default here) measures and chooses on this machine: one
     engine's start, as every engine of the bench makes its own (the choice can differ by noise at a near-tie)."""
     engine, _ = engine_with(base, tokenizer, [], max_rows=64)
@@ -175,7 +175,8 @@ def report_kernel_choice(base, tokenizer) -> None:
         choice = engine.kernel_choice
     finally:
         engine.close()
-    print(f"== linear kernels, --linear-kernel auto: {choice.summary if choice else engine.linear_kernel.value}")
+    chosen = choice.summary if choice else engine.linear_kernel.value
+    print(f"== linear kernels, {label}--linear-kernel auto: {chosen}", flush=True)
     if choice is not None:
         print(choice.describe())
 
