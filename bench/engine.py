@@ -26,6 +26,7 @@ import torch
 from bench import roofline
 from bench.common import bpe_tokenizer, clone_adapters, cpu_model, llama_512, make_adapters
 from loramux.core import AdapterManager, AdapterSelection, Engine, EngineConfig, GenerationRequest, TokenDelta
+from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
@@ -107,6 +108,7 @@ def engine_with(
     kernel: LinearKernel = LinearKernel.AUTO,
     lean: bool = True,
     autocast_adapter_dtype: bool = True,
+    lora_kernel: LoraKernel = LoraKernel.AUTO,
 ) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
@@ -114,7 +116,7 @@ def engine_with(
     for i, path in enumerate(paths):
         manager.load_adapter(str(path), f"a{i}", autocast_adapter_dtype=autocast_adapter_dtype)
         names.append(f"a{i}")
-    config = EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel, lean_decode_step=lean)
+    config = EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel, lean_decode_step=lean, lora_kernel=lora_kernel)
     return Engine(model, tokenizer, manager, config), names
 
 
@@ -142,6 +144,7 @@ def engine_case(
     kernel: LinearKernel = LinearKernel.AUTO,
     lean: bool = True,
     autocast_adapter_dtype: bool = True,
+    lora_kernel: LoraKernel = LoraKernel.AUTO,
     **extra: object,
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
@@ -155,7 +158,14 @@ def engine_case(
     def run(latencies: dict | None = None) -> float:
         # Built on a thread that ends before the run, so the engine thread holds the only OpenMP pool.
         build = lambda: engine_with(  # noqa: E731
-            base, tokenizer, paths, max_rows=64, kernel=kernel, lean=lean, autocast_adapter_dtype=autocast_adapter_dtype
+            base,
+            tokenizer,
+            paths,
+            max_rows=64,
+            kernel=kernel,
+            lean=lean,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            lora_kernel=lora_kernel,
         )
         engine, names = in_fresh_thread(build)
         try:

@@ -17,7 +17,6 @@ from loramux.core import EngineConfig
 from loramux.core.adapters.names import validate_adapter_name
 from loramux.core.engine.config import KV_MEMORY_FRACTION, PREFIX_CACHE_DEFAULT_BYTES, PREFIX_CACHE_MEMORY_FRACTION
 from loramux.core.errors import InvalidArgumentError
-from loramux.core.model.linear_kernels import LinearKernel
 from loramux.core.model.loader import DTYPES, ModelSpec
 from loramux.service.auth import BearerTokens, load_tokens
 from loramux.service.config import (
@@ -30,6 +29,7 @@ from loramux.service.config import (
     TlsFiles,
     demo_adapters,
 )
+from loramux.service.kernel_flags import add_kernel_flags, kernel_settings
 from loramux.service.logs import LOG_FORMATS, configure_logging
 from loramux.service.routing import valid_replica_id
 from loramux.service.server import serve
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(parser.add_argument_group("model"))
     _adapter_flags(parser.add_argument_group("adapters"))
     _engine_flags(parser.add_argument_group("engine limits"))
+    add_kernel_flags(parser.add_argument_group("kernels"))
     _network_flags(parser.add_argument_group("network and lifecycle"))
     return parser
 
@@ -187,7 +188,7 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         help=(
             "bytes of prompt KV kept for reuse by prompts that start the same way (same adapter and version), "
             f"e.g. 2GiB; 0 turns the prefix cache off (default: {format_size(PREFIX_CACHE_DEFAULT_BYTES)}, at most "
-            f"{PREFIX_CACHE_MEMORY_FRACTION:.0%} of the memory available)"
+            f"{PREFIX_CACHE_MEMORY_FRACTION * 100:.0f}%% of the memory available)"
         ),
     )
     g.add_argument(
@@ -205,26 +206,6 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         f"for more ready requests (prefilled together); 0: at once (default {wait})",
     )
     g.add_argument("--join-fraction", type=_fraction, default=fraction, help=f"see above (default {fraction})")
-    kernel = _ENGINE.linear_kernel.value
-    g.add_argument(
-        "--no-ragged-attention",
-        dest="ragged_attention",
-        action="store_false",
-        help="decode steps attend over the whole left-padded cache, not each row's own columns",
-    )
-    g.add_argument(
-        "--no-lean-decode-step", dest="lean_decode_step", action="store_false", help="decode steps call the forward"
-    )
-    g.add_argument(
-        "--linear-kernel",
-        choices=[k.value for k in LinearKernel],
-        default=kernel,
-        help=(
-            "GEMM for the model's linear layers on CPU: auto times both on the model's shapes at startup and "
-            "runs each layer, at each row count, on the faster; onednn keeps a packed copy of each linear weight "
-            f"(one more copy of their memory); torch: MKL, as transformers and PEFT (default {kernel})"
-        ),
-    )
 
 
 def _network_flags(g: argparse._ArgumentGroup) -> None:
@@ -310,9 +291,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Servi
         max_kv_bytes=args.max_kv_memory,
         prefix_cache_bytes=args.prefix_cache_memory,
         prefix_block_tokens=args.prefix_block_tokens,
-        linear_kernel=LinearKernel(args.linear_kernel),
-        ragged_attention=args.ragged_attention,
-        lean_decode_step=args.lean_decode_step,
+        **kernel_settings(args),
         join_wait_steps=args.join_wait_steps,
         join_fraction=args.join_fraction,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
 
 
@@ -40,6 +41,8 @@ class EngineConfig:
     join_fraction: float = 0.3
     # GEMM for the model's nn.Linear layers on CPU (loramux.core.model.linear_kernels).
     linear_kernel: LinearKernel = LinearKernel.AUTO
+    # What adds a decode step's grouped LoRA deltas (rows sharing adapters; loramux.core.lora.kernel_choice).
+    lora_kernel: LoraKernel = LoraKernel.AUTO
     # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
     # (loramux.core.model.ragged_attention); False keeps one SDPA call over the whole padded width.
     ragged_attention: bool = True
@@ -69,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"engine limits must be integers >= 1: {', '.join(small)}")
         if not isinstance(self.linear_kernel, LinearKernel):
             raise ValueError(f"linear_kernel must be a LinearKernel (got {self.linear_kernel!r})")
+        if not isinstance(self.lora_kernel, LoraKernel):
+            raise ValueError(f"lora_kernel must be a LoraKernel (got {self.lora_kernel!r})")
 
 
 KV_MEMORY_FRACTION: Final = 0.4  # of the memory available at start, when max_kv_bytes is not given

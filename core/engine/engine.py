@@ -45,6 +45,7 @@ from loramux.core.errors import (
     RequestCancelledError,
     ShuttingDownError,
 )
+from loramux.core.lora.kernel_choice import LoraKernelChoice, start_lora_kernel
 from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap_remove, use_plan
 from loramux.core.lora.workspace import RoutingWorkspace
 from loramux.core.memory import ArenaStats, BufferArena
@@ -109,6 +110,7 @@ class Engine:
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
         self.kernel_choice: KernelChoice | None = None  # what --linear-kernel auto measured
+        self.lora_kernel = LoraKernelChoice(kernel=None)  # --lora-kernel's, set by the engine thread
         ready, failed = threading.Event(), list[BaseException]()
         self._thread = threading.Thread(target=self._run, args=(ready, failed), name="loramux-engine", daemon=True)
         self._thread.start()
@@ -211,6 +213,8 @@ class Engine:
             config = self.config  # auto times the kernels at the batch's and a prefill chunk's row counts
             rows = {"max_batch_rows": config.max_batch_rows, "prefill_rows": config.prefill_chunk_tokens}
             self.linear_kernel, self.kernel_choice = start_linear_kernels(self.model, config.linear_kernel, **rows)
+            self.lora_kernel = start_lora_kernel(self.model, config.lora_kernel, max_batch_rows=config.max_batch_rows)
+            self._workspace.grouped_kernel = self.lora_kernel.kernel
             self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
             self._decoder = Decoder(self.model, lean=self.config.lean_decode_step)
             self.limits = resolve_limits(self.config, self.model, self.tokenizer)

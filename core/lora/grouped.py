@@ -1,14 +1,20 @@
 """The grouped LoRA route: rows grouped by adapter, so each distinct adapter's A and B are read once per step.
 
 The gathered route (routing.GatheredLinear) keeps one A/B stack per *row*: 64 rows over 8 adapters read 64
-adapters' worth of weights every step, though only 8 are distinct. Here the stacks hold each distinct adapter
-once, (K, in, r) and (K, r, out), and the rows are gathered per adapter into a padded (K, M, in) block (M: the
-most rows any adapter has; padding slots repeat a real row and are dropped), so a step reads K adapters
-(Punica's SGMV and S-LoRA's MBGMM do the same with custom kernels; this is two bmm calls). Each row's delta is
-the same x · A · B · s as PEFT's; rows without this module's LoRA (base rows) get nothing added.
+adapters' worth of weights every step, though only 8 are distinct. Here each distinct adapter is read once.
 
-Rows joining or leaving only regroup the indices; the stacks are rebuilt when the set of distinct adapters
-changes. ``prefers_grouped`` is the rule the plan uses to pick this route over the gathered one.
+With the native kernel (native_kernel.py, handed over by the engine's routing workspace) one C call a module
+adds every row's delta into the base output in place, reading each adapter's A and B where they lie (nothing
+stacked): a decode step's fp32 rows. Without it, or for a call it does not take (several tokens a row, another
+dtype), torch's ops: the stacks hold each distinct adapter once, (K, in, r) and (K, r, out), and the rows are
+gathered per adapter into a padded (K, M, in) block (M: the most rows any adapter has; padding slots repeat a
+real row and are dropped), then two bmm calls (Punica's SGMV and S-LoRA's MBGMM do the same with custom
+kernels). Each row's delta is the same x · A · B · s as PEFT's; rows without this module's LoRA (base rows) get
+nothing added.
+
+Rows joining or leaving only regroup the indices; torch's stacks are rebuilt (when first needed) after the set
+of distinct adapters changed. ``prefers_grouped`` is the rule the plan uses to pick this route (with the
+kernel or without: for distinct adapters it streamed no faster than the gathered route's bmm, BENCHMARKS).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from loramux.core.lora.native_kernel import GroupedKernel, Segments, takes
 from loramux.core.lora.route import Route
 from loramux.core.lora.weights import LinearLora, common_dtype, padded_rank
 
@@ -31,8 +38,9 @@ def prefers_grouped(row_loras: Sequence[LinearLora | None]) -> bool:
 
 
 class GroupedLinear(Route):
-    def __init__(self, row_loras: Sequence[LinearLora | None]) -> None:
-        self._stacked: list[int] = []  # ids of the adapters in the stacks, in slot order
+    def __init__(self, row_loras: Sequence[LinearLora | None], *, kernel: GroupedKernel | None = None) -> None:
+        self._kernel = kernel
+        self._stacked: list[int] | None = None  # ids of the adapters in torch's stacks, in slot order
         self._loras: list[LinearLora | None] = []
         self.append(row_loras)
 
@@ -51,13 +59,20 @@ class GroupedLinear(Route):
 
     def _regroup(self) -> None:
         distinct = {id(lo): lo for lo in self._loras if lo is not None}
-        if list(distinct) != self._stacked:
-            self._stack(list(distinct.values()))
-        slot = {key: k for k, key in enumerate(self._stacked)}
-        members: list[list[int]] = [[] for _ in self._stacked]
+        slot = {key: k for k, key in enumerate(distinct)}
+        members: list[list[int]] = [[] for _ in distinct]
         for row, lo in enumerate(self._loras):
             if lo is not None:
                 members[slot[id(lo)]].append(row)
+        self._distinct, self._members = list(distinct.values()), members
+        self.native = self._kernel is not None and all(takes(lo) for lo in self._distinct)
+        self.segments = Segments.of(self._distinct, members) if self.native and members else None
+        self._torch_ready = False  # torch's indices (and stacks, if the adapters changed) when first needed
+
+    def _ready_torch(self) -> None:
+        if [id(lo) for lo in self._distinct] != self._stacked:
+            self._stack(self._distinct)
+        members = self._members
         width = max((len(m) for m in members), default=0)
         # (K, M): each slot's rows, padded by repeating its first row; valid (V,): positions kept, rows (V,)
         self.index = torch.tensor([m + [m[0]] * (width - len(m)) for m in members], device=self.At.device)
@@ -66,6 +81,7 @@ class GroupedLinear(Route):
         )
         self.rows = self.index.view(-1).index_select(0, self.valid)
         self.padded = self.valid.numel() != self.index.numel()
+        self._torch_ready = True
 
     def _stack(self, distinct: list[LinearLora]) -> None:
         r_max = max(lo.rank for lo in distinct)
@@ -77,6 +93,12 @@ class GroupedLinear(Route):
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (N, T, out)
+        if not self._members:  # no row has this module's LoRA
+            return out
+        if self.native and self._native_add(x, out):
+            return out
+        if not self._torch_ready:
+            self._ready_torch()
         k, m = self.index.shape
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.dtype)  # (N, T, in)
         tokens = x3.shape[1]
@@ -89,3 +111,15 @@ class GroupedLinear(Route):
             return out
         full = delta.new_zeros(out.shape[0], tokens, delta.shape[-1]).index_add_(0, self.rows, delta)
         return (out + full.view(out.shape)).to(out.dtype)  # PEFT: added in the LoRA dtype, cast once
+
+    def _native_add(self, x: Tensor, out: Tensor) -> bool:
+        """The kernel's add, in place, for one token a row in fp32 (a decode step); False: not this call."""
+        if x.numel() != x.shape[0] * x.shape[-1] or x.dtype != torch.float32 or out.dtype != torch.float32:
+            return False
+        if out.requires_grad or not out.is_contiguous():
+            return False
+        x2 = x.reshape(x.shape[0], x.shape[-1])  # (N, in)
+        if x2.stride(1) != 1:
+            return False
+        self._kernel.add(out.view(out.shape[0], out.shape[-1]), x2, self.segments)  # type: ignore[union-attr,arg-type]
+        return True

@@ -336,8 +336,8 @@ def linear_route(
     first = row_loras[0]
     if first is not None and all(lo is first for lo in row_loras):
         return UniformLinear(first)
-    if prefers_grouped(row_loras):
-        return GroupedLinear(row_loras)
+    if prefers_grouped(row_loras):  # the decode plan's workspace may hold the native kernel (grouped.py)
+        return GroupedLinear(row_loras, kernel=workspace.grouped_kernel if workspace is not None else None)
     return GatheredLinear(row_loras, workspace=workspace, name=name)
 
 

@@ -19,13 +19,16 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from loramux.core.lora.native_kernel import GroupedKernel
+
 Buffers = tuple[Tensor, Tensor, Tensor | None]  # At (C, in, r), Bt (C, r, out), bias (C, 1, out) or None
 
 
 class RoutingWorkspace:
-    def __init__(self, *, rows: int) -> None:
+    def __init__(self, *, rows: int, grouped_kernel: GroupedKernel | None = None) -> None:
         if rows < 1:
             raise ValueError(f"a routing workspace needs rows >= 1 ({rows})")
+        self.grouped_kernel = grouped_kernel  # the decode plan's grouped routes run it (--lora-kernel)
         self.rows = rows  # the capacity a leased set is allocated with: the engine's max_batch_rows
         self._spare: dict[str, Buffers] = {}
 

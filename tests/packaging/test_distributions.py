@@ -88,6 +88,7 @@ def test_each_wheel_holds_only_the_loramux_namespace(wheels: dict[str, Path], di
     if dist == "loramux":
         assert "loramux/demo/assets/model/model.safetensors" in names
         assert "loramux/demo/assets/adapters/upper/adapter_config.json" in names
+        assert "loramux/core/lora/native/grouped_lora.c" in names  # built on the serving machine
     else:
         assert "loramux/v1/generation_service_pb2.pyi" in names and "loramux/client/py.typed" in names
 

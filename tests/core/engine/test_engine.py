@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import shutil
 import threading
 
 import pytest
@@ -32,6 +33,8 @@ from loramux.core.errors import (
     RequestCancelledError,
     ShuttingDownError,
 )
+from loramux.core.lora.kernel_choice import LoraKernel
+from loramux.core.lora.native_kernel import GroupedKernel
 from tests.generation_fixtures import VOCAB, collect
 from tests.service.harness import wait_until
 
@@ -53,11 +56,22 @@ def engine(base_model, tokenizer, adapter_dirs):
     eng.close()
 
 
-@pytest.fixture(params=list(LinearKernel))
-def engine_each_kernel(request, base_model, tokenizer, adapter_dirs):
-    eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=request.param)
+KERNELS = [(k, LoraKernel.AUTO) for k in LinearKernel] + [(LinearKernel.AUTO, k) for k in LoraKernel][1:]
+
+
+@pytest.fixture(params=KERNELS, ids=lambda p: f"{p[0].value}-lora_{p[1].value}")
+def engine_each_kernel(request, base_model, tokenizer, adapter_dirs, monkeypatch):
+    linear, lora = request.param
+    calls: list[int] = []
+    real = GroupedKernel.add
+    monkeypatch.setattr(GroupedKernel, "add", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    if lora is LoraKernel.NATIVE and shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler (gcc/cc) to build the native LoRA kernel")
+    eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=linear, lora_kernel=lora)
+    assert (eng.lora_kernel.kernel is not None) == (lora is LoraKernel.NATIVE) or lora is LoraKernel.AUTO
     yield eng
     eng.close()
+    assert bool(calls) == (eng.lora_kernel.kernel is not None), "decode steps of rows sharing adapters ran it"
 
 
 def peft_greedy(peft_model, prompt: list[int], adapter: str | None, n: int) -> list[int]:
@@ -438,9 +452,18 @@ def test_long_prompts_take_turns_and_shutdown_ends_a_pending_one(base_model, tok
         collect(third)
 
 
-def test_the_next_batch_routes_on_the_buffers_the_last_one_gave_back(engine, peft_model):
+def test_the_next_batch_routes_on_the_buffers_the_last_one_gave_back(base_model, tokenizer, adapter_dirs, peft_model):
     """Mixed adapters decode on gathered stacks leased from the engine's workspace; when the batch empties
-    they go back, and the next batch (other rows, other order) leases the same memory and still equals PEFT."""
+    they go back, and the next batch (other rows, other order) leases the same memory and still equals PEFT.
+    (torch's routes: the native kernel reads the adapters in place and leases nothing.)"""
+    engine = make_engine(base_model, tokenizer, adapter_dirs, lora_kernel=LoraKernel.TORCH)
+    try:
+        _two_batches_on_kept_buffers(engine, peft_model)
+    finally:
+        engine.close()
+
+
+def _two_batches_on_kept_buffers(engine: Engine, peft_model) -> None:
     first_kept: dict[str, int] = {}
     for picked in ([0, 1, 2], [2, 1, 0, 1]):  # more distinct adapters than half the rows: the gathered route
         channels = [

@@ -1,0 +1,57 @@
+"""The engine's kernel flags: which code runs the decode step's pieces. Parsed by ``__main__`` with the rest."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from loramux.core import EngineConfig
+from loramux.core.lora.kernel_choice import LoraKernel
+from loramux.core.model.linear_kernels import LinearKernel
+
+_ENGINE = EngineConfig()
+
+
+def add_kernel_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--no-ragged-attention",
+        dest="ragged_attention",
+        action="store_false",
+        help="decode steps attend over the whole left-padded cache, not each row's own columns",
+    )
+    g.add_argument(
+        "--no-lean-decode-step", dest="lean_decode_step", action="store_false", help="decode steps call the forward"
+    )
+    kernel = _ENGINE.linear_kernel.value
+    g.add_argument(
+        "--linear-kernel",
+        choices=[k.value for k in LinearKernel],
+        default=kernel,
+        help=(
+            "GEMM for the model's linear layers on CPU: auto times both on the model's shapes at startup and "
+            "runs each layer, at each row count, on the faster; onednn keeps a packed copy of each linear weight "
+            f"(one more copy of their memory); torch: MKL, as transformers and PEFT (default {kernel})"
+        ),
+    )
+    lora = _ENGINE.lora_kernel.value
+    g.add_argument(
+        "--lora-kernel",
+        choices=[k.value for k in LoraKernel],
+        default=lora,
+        help=(
+            "what adds a decode step's LoRA deltas for rows sharing adapters (fp32 on CPU): auto builds the native "
+            "C kernel at startup with gcc (cached in ~/.cache/loramux) and keeps it if it was faster than torch's "
+            f"ops on the model's shapes; native: required, startup fails without it; torch: never built (default "
+            f"{lora})"
+        ),
+    )
+
+
+def kernel_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig's keyword arguments from the parsed flags above."""
+    return {
+        "linear_kernel": LinearKernel(args.linear_kernel),
+        "lora_kernel": LoraKernel(args.lora_kernel),
+        "ragged_attention": args.ragged_attention,
+        "lean_decode_step": args.lean_decode_step,
+    }
