@@ -179,8 +179,10 @@ def engine_case(
 
 def report_kernel_choice(base, tokenizer, *, label: str = "") -> None:
     """What ``--linear-kernel auto`` (the engines' default here) measures and chooses on this machine: one
-    engine's start, as every engine of the bench makes its own (the choice can differ by noise at a near-tie)."""
-    engine, _ = engine_with(base, tokenizer, [], max_rows=64)
+    engine's start, as every engine of the bench makes its own (the choice can differ by noise at a near-tie).
+    Built on a thread that ends first, as engine_case does: a second live OpenMP pool slowed torch's LoRA ops
+    timed at start 3-10x (the LoRA kernel's cells)."""
+    engine, _ = in_fresh_thread(lambda: engine_with(base, tokenizer, [], max_rows=64))
     try:
         choice = engine.kernel_choice
     finally:
@@ -189,6 +191,8 @@ def report_kernel_choice(base, tokenizer, *, label: str = "") -> None:
     print(f"== linear kernels, {label}--linear-kernel auto: {chosen}", flush=True)
     if choice is not None:
         print(choice.describe())
+    print(f"== LoRA kernel, {label}--lora-kernel auto:")
+    print(engine.lora_kernel.describe(), flush=True)
 
 
 def measure(cases: dict[str, Callable[[], float]]) -> dict[str, float]:
@@ -258,6 +262,13 @@ def main() -> None:
                 "64 requests, 8 adapters (8 rows each)": engine_case(
                     base, tok, s["clones"][:8], lambda names: [names[i % 8] for i in range(64)]
                 ),
+                "64 requests, 8 adapters, torch's LoRA ops": engine_case(
+                    base,
+                    tok,
+                    s["clones"][:8],
+                    lambda names: [names[i % 8] for i in range(64)],
+                    lora_kernel=LoraKernel.TORCH,
+                ),
                 "64 requests, no adapters": engine_case(base, tok, [], lambda _: [AdapterSelection.BASE] * 64),
             }
         )
@@ -308,6 +319,8 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
         print(f"{label:52} {ratio:6.2f}x  (goal >= {goal}x) {'ok' if ratio >= goal else 'MISSED'}")
     lean = bare / tput["engine no adapters, transformers forward"]
     print(f"{'decode step vs transformers forward (no adapters)':52} {lean:6.2f}x  (no goal: model.decode_step)")
+    lora = tput64["64 requests, 8 adapters (8 rows each)"] / tput64["64 requests, 8 adapters, torch's LoRA ops"]
+    print(f"{'64 over 8 adapters: --lora-kernel auto vs torch':52} {lora:6.2f}x  (no goal: lora.native_kernel)")
     print("== latency, 64 concurrent requests over 64 adapters")
     for key, label in (("ttft", "time to first token"), ("itl", "inter-token latency")):
         values = sorted(latencies[key])
