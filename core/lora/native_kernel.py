@@ -66,9 +66,10 @@ def takes(lora: LinearLora) -> bool:
 @dataclass(frozen=True)
 class Segments:
     """A batch's rows grouped by adapter, as the kernel reads them: segment k is rows[offsets[k]:offsets[k+1]]
-    on loras[k] (its A and B by address, so the loras are held here while the kernel may read them)."""
+    on adapter k, its A and B by address (so the tensors themselves are held here while the kernel may read
+    them, whatever happens to the LinearLora objects)."""
 
-    loras: tuple[LinearLora, ...]
+    weights: tuple[Tensor, ...]  # every At and Bt the addresses point into
     rows: Tensor  # (V,) int64
     offsets: Tensor  # (K + 1,) int64
     a_ptrs: Tensor  # (K,) int64: each At's address
@@ -82,7 +83,7 @@ class Segments:
         """loras[k] (each ``takes``) serves rows members[k] (at least one each)."""
         r_max = max(lo.rank for lo in loras)
         return cls(
-            loras=tuple(loras),
+            weights=tuple(t for lo in loras for t in (lo.At, lo.Bt)),
             rows=torch.tensor([row for m in members for row in m], dtype=torch.int64),
             offsets=torch.tensor([0, *itertools.accumulate(len(m) for m in members)], dtype=torch.int64),
             a_ptrs=torch.tensor([lo.At.data_ptr() for lo in loras], dtype=torch.int64),
