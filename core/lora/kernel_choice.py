@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from loramux.core.lora.grouped import GroupedLinear
-from loramux.core.lora.native_kernel import GroupedKernel, NativeKernelUnavailable, load_grouped_kernel
+from loramux.core.lora.native_kernel import GroupedKernel, NativeKernelUnavailable, load_grouped_kernel, random_lora
 from loramux.core.lora.route import Route
 from loramux.core.lora.weights import LinearLora
 
@@ -111,7 +111,7 @@ def _time_cells(model: nn.Module, kernel: GroupedKernel, *, max_batch_rows: int)
     with torch.no_grad():
         for rows, adapters in _mixes(max_batch_rows):
             for d_in, d_out in shapes:
-                loras = [_random_lora(d_in, d_out, gen) for _ in range(adapters)]
+                loras = [random_lora(d_in, d_out, RANK, gen, scale=0.02) for _ in range(adapters)]
                 copies = max(1, min(MAX_COPIES, STREAM_BYTES // (adapters * RANK * (d_in + d_out) * 4)))
                 copies = copies if streamed else 1
                 # each copy its own adapters (the native route reads them in place; torch's stacks them)
@@ -142,12 +142,6 @@ def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
-
-
-def _random_lora(d_in: int, d_out: int, gen: torch.Generator) -> LinearLora:
-    at = torch.randn(d_in, RANK, generator=gen) * 0.02  # (in, r)
-    bt = torch.randn(RANK, d_out, generator=gen) * 0.02  # (r, out)
-    return LinearLora(at, bt, None, 1.0)
 
 
 def _copy(lora: LinearLora) -> LinearLora:

@@ -209,7 +209,7 @@ def _self_check(kernel: GroupedKernel) -> None:
         ((3, 64, 16, 8, 1), [1, 2, 3, 4, 5]),
         ((16, 7), [13, 9]),
     ]:
-        loras = [_random_lora(d_in, d_out, r, gen) for r in ranks]
+        loras = [random_lora(d_in, d_out, r, gen) for r in ranks]
         x = torch.randn(n, d_in, generator=gen)
         out = torch.randn(n, d_out, generator=gen)
         rows = torch.randperm(n, generator=gen)[: sum(sizes)].tolist()
@@ -223,7 +223,8 @@ def _self_check(kernel: GroupedKernel) -> None:
             raise NativeKernelUnavailable(f"{kernel.path} failed its self-check at ranks {ranks} (error {error:.3g})")
 
 
-def _random_lora(d_in: int, d_out: int, rank: int, gen: torch.Generator) -> LinearLora:
-    at = torch.randn(d_in, rank, generator=gen)  # (in, r)
-    bt = torch.randn(rank, d_out, generator=gen)  # (r, out)
+def random_lora(d_in: int, d_out: int, rank: int, gen: torch.Generator, *, scale: float = 1.0) -> LinearLora:
+    """A LinearLora of normal weights times ``scale`` (scaling 0.5): the self-check's and auto's timing cells."""
+    at = torch.randn(d_in, rank, generator=gen) * scale  # (in, r)
+    bt = torch.randn(rank, d_out, generator=gen) * scale  # (r, out)
     return LinearLora(at, bt, None, 0.5)

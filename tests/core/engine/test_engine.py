@@ -34,7 +34,7 @@ from loramux.core.errors import (
     ShuttingDownError,
 )
 from loramux.core.lora.kernel_choice import LoraKernel
-from loramux.core.lora.native_kernel import GroupedKernel
+from tests.core.lora.test_native_kernel import count_kernel_calls
 from tests.generation_fixtures import VOCAB, collect
 from tests.service.harness import wait_until
 
@@ -62,9 +62,7 @@ KERNELS = [(k, LoraKernel.AUTO) for k in LinearKernel] + [(LinearKernel.AUTO, k)
 @pytest.fixture(params=KERNELS, ids=lambda p: f"{p[0].value}-lora_{p[1].value}")
 def engine_each_kernel(request, base_model, tokenizer, adapter_dirs, monkeypatch):
     linear, lora = request.param
-    calls: list[int] = []
-    real = GroupedKernel.add
-    monkeypatch.setattr(GroupedKernel, "add", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    calls = count_kernel_calls(monkeypatch)
     if lora is LoraKernel.NATIVE and shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler (gcc/cc) to build the native LoRA kernel")
     eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=linear, lora_kernel=lora)

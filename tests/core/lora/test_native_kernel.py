@@ -36,6 +36,14 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> GroupedKernel:
     return load_grouped_kernel(cache_dir=tmp_path_factory.mktemp("native"))
 
 
+def count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each call of the kernel (which still runs)."""
+    calls: list[int] = []
+    real = GroupedKernel.add
+    monkeypatch.setattr(GroupedKernel, "add", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    return calls
+
+
 def lora(seed: int, rank: int) -> LinearLora:
     g = torch.Generator().manual_seed(seed)
     return LinearLora(torch.randn(D_IN, rank, generator=g), torch.randn(rank, D_OUT, generator=g), None, 0.5 + seed)
@@ -122,9 +130,7 @@ def test_native_route_follows_joins_and_leaves(kernel, base):
 
 def test_what_the_kernel_does_not_take_runs_torch(kernel, base, monkeypatch):
     """Several tokens a row (a prefill), another dtype or a rank past 64: torch's ops, the same result."""
-    calls: list[int] = []
-    real = GroupedKernel.add
-    monkeypatch.setattr(GroupedKernel, "add", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    calls = count_kernel_calls(monkeypatch)
     a, b = lora(0, 8), lora(1, 8)
     with torch.no_grad():
         route = GroupedLinear([a, b, a, b], kernel=kernel)

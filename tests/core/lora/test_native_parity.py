@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 
-from loramux.core import AdapterManager
 from loramux.core.adapters import manager as manager_module
 from loramux.core.lora.native_kernel import GroupedKernel, load_grouped_kernel
 from loramux.core.lora.routing import build_plan
 from loramux.core.lora.workspace import RoutingWorkspace
-from tests.conftest import ARCHS, input_ids, peft_model_for
-from tests.core.lora.test_parity import ROW_LAYOUTS, _key_mix, _make_all, assert_parity
+from tests.conftest import ARCHS, input_ids
+from tests.core.lora.test_native_kernel import count_kernel_calls
+from tests.core.lora.test_parity import ROW_LAYOUTS, assert_parity, load_key_mix
 
 GROUPED = {name: ROW_LAYOUTS[name] for name in ("grouped", "grouped_with_base")}
 GROUPED["grouped_skewed"] = ["patterned"] * 5 + ["emb", None, "emb", "patterned", "head_copy", "head_copy"]
@@ -35,16 +35,8 @@ def test_native_grouped_rows_equal_each_row_alone_in_peft(
 ):
     workspace = RoutingWorkspace(rows=32, grouped_kernel=kernel)
     monkeypatch.setattr(manager_module, "build_plan", functools.partial(build_plan, workspace=workspace))
-    calls: list[int] = []
-    real = GroupedKernel.add
-    monkeypatch.setattr(GroupedKernel, "add", lambda self, *a: (calls.append(1), real(self, *a))[1])
-    adapters = _key_mix(arch)
-    paths = _make_all(arch, adapters, make_adapter, seed=300)
-    model = fresh_model(arch)
-    manager = AdapterManager(model)
-    for a in adapters:
-        manager.load_adapter(str(paths[a.name]), a.name)
-    peft_model = peft_model_for(base_models[arch], paths)
+    calls = count_kernel_calls(monkeypatch)
+    model, manager, peft_model = load_key_mix(arch, fresh_model, base_models, make_adapter)
     rows = GROUPED[layout]
     assert_parity(model, manager, peft_model, input_ids(len(rows), seed=11, seq_len=1), rows)
     assert calls, "the native kernel never ran"

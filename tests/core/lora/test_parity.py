@@ -337,15 +337,20 @@ def test_mixed_batch_equals_each_row_alone_in_peft(
     arch, layout, plan, fresh_model, base_models, make_adapter, monkeypatch
 ):
     use_plans(monkeypatch, plan)
+    model, manager, peft_model = load_key_mix(arch, fresh_model, base_models, make_adapter)
+    rows = ROW_LAYOUTS[layout]
+    assert_parity(model, manager, peft_model, input_ids(len(rows), seed=11), rows)
+
+
+def load_key_mix(arch: str, fresh_model, base_models, make_adapter) -> tuple[nn.Module, AdapterManager, Any]:
+    """_key_mix's adapters, written by PEFT, loaded into a fresh model's manager and into a PEFT model."""
     adapters = _key_mix(arch)
     paths = _make_all(arch, adapters, make_adapter, seed=300)
     model = fresh_model(arch)
     manager = AdapterManager(model)
     for a in adapters:
         manager.load_adapter(str(paths[a.name]), a.name)
-    peft_model = peft_model_for(base_models[arch], paths)
-    rows = ROW_LAYOUTS[layout]
-    assert_parity(model, manager, peft_model, input_ids(len(rows), seed=11), rows)
+    return model, manager, peft_model_for(base_models[arch], paths)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
