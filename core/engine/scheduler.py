@@ -12,8 +12,9 @@ prefilled; ``state`` says of each waiting request whether it can start (its adap
 
 - a prompt longer than ``chunk_tokens`` is prefilled a chunk per step, one such prompt at a time; its queue
   waits meanwhile (requests of one adapter keep their order);
-- the others are prefilled together while rows x widest stays within ``prefill_tokens``; the first that
-  would not fit waits, first in its queue, and ends the step's group (a lone prompt always fits). A row's
+- the others are prefilled together while rows x widest stays within ``prefill_tokens``, each queue's
+  requests next to each other (``together``); the first that would not fit waits, first in its queue, and
+  ends the step's group (a lone prompt always fits). A row's
   width (``width``) is its whole prompt, the part the prefix cache gives it included: its group holds and
   attends to all of it, so a burst of cache hits on a long shared prompt spreads over a few steps, and the
   first of them stream while the others wait, instead of all waiting for one long forward;
@@ -49,7 +50,7 @@ class Readiness(enum.Enum):
 class StepAdmission(Generic[T]):
     """What joins at one step, and what left the queue."""
 
-    prefill: list[T] = field(default_factory=list)  # prefilled together, in this order
+    prefill: list[T] = field(default_factory=list)  # prefilled together, in this order (each queue's together)
     chunked: T | None = None  # starts its chunked prefill
     dropped: list[T] = field(default_factory=list)  # left the queue (Readiness.DROP)
 
@@ -162,7 +163,7 @@ class Scheduler(Generic[T]):
             if not progress:
                 break
         self.kv_blocked = len(blocked)
-        return StepAdmission(step.prefill, chunked, step.dropped)
+        return StepAdmission(together(step.prefill, key=self._key), chunked, step.dropped)
 
     def _hold_group(self, busy: int) -> bool:
         """Whether this step's prefill group waits for company (see the module docstring); ``busy``: rows
@@ -218,3 +219,16 @@ class Scheduler(Generic[T]):
             else:
                 self._forget(key)
         return dropped
+
+
+def together(requests: Sequence[T], *, key: Callable[[T], Hashable]) -> list[T]:
+    """``requests`` with each key's requests next to each other: keys in order of first appearance, each key's
+    requests in their order. Round-robin admission interleaves a group's adapters (a0 b0 a1 b1 ...), and the
+    prefill's LoRA route (lora/segmented.py) runs a matmul pair per run of consecutive rows on one adapter:
+    64 rows over 8 adapters took 64 pairs a module, 8 once grouped (the bench model's prefill of 64 x 32
+    tokens: +176 ms over no adapters interleaved, +71 ms grouped; BENCHMARKS.md). Who joins is decided
+    before this, and the decode batch does not depend on its rows' order."""
+    groups: dict[Hashable, list[T]] = {}
+    for request in requests:
+        groups.setdefault(key(request), []).append(request)
+    return [request for group in groups.values() for request in group]

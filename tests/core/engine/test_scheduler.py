@@ -71,6 +71,19 @@ def test_a_request_whose_adapter_is_loading_waits_and_does_not_block_others():
     assert names(s.next_step(running=1, chunking=False).prefill) == ["x1", "x2"]
 
 
+def test_a_prefill_group_holds_each_adapters_rows_together():
+    # who joins is round-robin (a0 b0 base0 a1 b1 base1 a2: 7 rows); within the group each adapter's rows
+    # are next to each other, in their queue's order, so the prefill's LoRA route runs one matmul pair per
+    # adapter instead of one per row
+    a = [Req(f"a{i}", adapter="a") for i in range(4)]
+    b = [Req(f"b{i}", adapter="b") for i in range(2)]
+    base = [Req(f"base{i}") for i in range(3)]
+    s = scheduler(a[0], b[0], a[1], base[0], a[2], b[1], base[1], a[3], base[2], max_rows=7)
+    step = s.next_step(running=0, chunking=False)
+    assert names(step.prefill) == ["a0", "a1", "a2", "b0", "b1", "base0", "base1"]
+    assert names(list(s)) == ["base2", "a3"]  # "a" was served last: it goes to the back
+
+
 def test_queues_are_served_round_robin():
     burst = [Req(f"a{i}", adapter="a") for i in range(300)]
     s = scheduler(*burst, Req("b0", adapter="b"), Req("base0"), max_rows=3)
