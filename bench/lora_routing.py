@@ -9,6 +9,8 @@ Compares, for a batch whose rows use different adapters, the time of one wrapped
 - grouped: rows grouped by adapter into a padded (K, M, in) block, one bmm pair over the K distinct
   adapters' stacks (loramux.core.lora.grouped: each adapter read once);
 - wide: all distinct adapters' A concatenated, one wide matmul, rows masked to their own block, then B.
+And the prefill's segmented route (one matmul pair per run of rows on one adapter) over a group as
+round-robin admission makes it (adapters interleaved) and as the scheduler hands it over (``together``).
 The loser strategies live here only, as the measured alternatives to what loramux.core.lora.routing keeps.
 """
 
@@ -21,8 +23,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from loramux.core.engine.scheduler import together
 from loramux.core.lora.grouped import GroupedLinear
 from loramux.core.lora.routing import GatheredLinear
+from loramux.core.lora.segmented import SegmentedLinear
 from loramux.core.lora.weights import LinearLora
 
 Step = Callable[[], torch.Tensor]
@@ -101,6 +105,32 @@ def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: 
     return {name: statistics.median(v) for name, v in results.items()}
 
 
+def compare_prefill(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int) -> dict:
+    """Seconds for one projection's prefill: base only, segmented over interleaved rows, segmented grouped."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(d_in, d_out, bias=False)
+    loras = [
+        LinearLora.from_peft(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0)
+        for _ in range(adapters)
+    ]
+    slots = [i % adapters for i in range(rows)]  # a0 a1 ... a7 a0 a1 ...: round-robin admission's order
+    grouped_slots = together(slots, key=lambda s: s)
+    x = torch.randn(rows, tokens, d_in)
+    interleaved = SegmentedLinear([loras[s] for s in slots])
+    grouped = SegmentedLinear([loras[s] for s in grouped_slots])
+    steps: dict[str, Step] = {
+        "base": lambda: base(x),
+        "interleaved": lambda: interleaved.forward(base, x, (), {}),
+        "grouped": lambda: grouped.forward(base, x, (), {}),
+    }
+    with torch.no_grad():
+        results: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(5):
+            for name, step in steps.items():
+                results[name].append(time_step(step, repeats=10))
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
 def main() -> None:
     torch.set_num_threads(2)
     names = ("base", "loop", "gathered", "grouped", "wide")
@@ -122,6 +152,14 @@ def main() -> None:
     for label, kwargs in cases:
         t = compare(r=16, repeats=50, **kwargs)
         print(f"{label:44} " + " ".join(f"{t[k] * 1e6:9.1f}" for k in names))
+    print("prefill, 64 rows x 32 tokens over 8 adapters, segmented route (ms per projection; LoRA = over base)")
+    for d_in, d_out in ((512, 512), (512, 1376), (1376, 512)):
+        t = compare_prefill(rows=64, tokens=32, adapters=8, d_in=d_in, d_out=d_out, r=16)
+        lora = {k: (t[k] - t["base"]) * 1e3 for k in ("interleaved", "grouped")}
+        print(
+            f"  {d_in}->{d_out}: base {t['base'] * 1e3:.2f}, LoRA interleaved +{lora['interleaved']:.2f}, "
+            f"grouped +{lora['grouped']:.2f} ({lora['interleaved'] / lora['grouped']:.2f}x less LoRA time)"
+        )
 
 
 if __name__ == "__main__":
