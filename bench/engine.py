@@ -180,9 +180,8 @@ def engine_case(
 def report_kernel_choice(base, tokenizer, *, label: str = "") -> None:
     """What ``--linear-kernel auto`` (the engines' default here) measures and chooses on this machine: one
     engine's start, as every engine of the bench makes its own (the choice can differ by noise at a near-tie).
-    Built on a thread that ends first, as engine_case does. (Until session 21 that thread kept its OpenMP pool
-    while it waited for the engine's start, and the cells printed here ran 3-15x slow; the Engine now gives
-    the building thread's workers back first: core/threads.py.)"""
+    Built on a thread that ends first, as engine_case does: a second live OpenMP pool slowed torch's LoRA ops
+    timed at start 3-10x (the LoRA kernel's cells)."""
     engine, _ = in_fresh_thread(lambda: engine_with(base, tokenizer, [], max_rows=64))
     try:
         choice = engine.kernel_choice

@@ -26,11 +26,10 @@ CORE_LAYERS = {
     "errors": set(),
     "memory": set(),
     "serial": set(),
-    "threads": set(),
     "lora": {"errors", "memory", "serial"},
     "model": {"errors", "memory", "serial"},
     "adapters": {"errors", "memory", "serial", "lora"},
-    "engine": {"errors", "memory", "serial", "threads", "lora", "model", "adapters"},
+    "engine": {"errors", "memory", "serial", "lora", "model", "adapters"},
 }
 MAX_LINES = 400
 OLD_TOP_LEVEL = ("core", "service", "clients", "demo", "deploy")

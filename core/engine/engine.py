@@ -11,7 +11,8 @@ Requests are validated before they are queued (``admission``); which waiting req
 the scheduler's decision (``scheduler``, no model needed). On its thread the engine first switches the
 model's linear layers to the configured GEMM (``model.linear_kernels``; auto: timed here, ``kernel_choice``)
 and, for a model on SDPA, its decode attention to runs of similar-length rows (``model.ragged_attention``);
-its KV cache grows in place (``model.kv_cache``), on pages an arena keeps from batch to batch (``memory``).
+its KV cache grows in place (``model.kv_cache``), on pages an arena keeps from batch to batch
+(``loramux.core.memory.BufferArena``, bounded by the KV budget).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from loramux.core.model.decode_step import Decoder
 from loramux.core.model.kernel_choice import KernelChoice, start_linear_kernels
 from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.ragged_attention import decode_segments, use_ragged_attention
-from loramux.core.threads import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class Engine:
 
     ``submit`` (any thread) validates a request and queues it; the engine thread admits queued requests at
     step boundaries, decodes every running row in one forward, and streams events to each request's channel.
-    Keep other long-lived threads off torch: a second live OpenMP pool slows every step (core/threads.py).
+    Keep other long-lived threads off torch: each keeps an OpenMP pool, and two live pools slow the engine's
+    steps markedly on small machines (BENCHMARKS.md).
     """
 
     def __init__(
@@ -112,7 +113,6 @@ class Engine:
         self.lora_kernel = LoraKernelChoice(kernel=None)  # --lora-kernel's, set by the engine thread
         ready, failed = threading.Event(), list[BaseException]()
         self._thread = threading.Thread(target=self._run, args=(ready, failed), name="loramux-engine", daemon=True)
-        release_thread_pool()  # so no other pool parks its workers while the engine thread times kernels
         self._thread.start()
         ready.wait()
         if failed:
