@@ -506,3 +506,51 @@ def test_the_next_batch_keeps_its_kv_on_the_pages_the_last_one_used(
         assert touched[1] == touched[0] > 0
     finally:
         engine.close()
+
+
+def test_a_burst_over_two_adapters_prefills_one_run_per_adapter(
+    base_model, tokenizer, adapter_dirs, peft_model, monkeypatch
+):
+    """Requests queued as math, poet, math, poet join in one step and are prefilled as math, math, poet, poet:
+    the segmented route runs one matmul pair per adapter (scheduler.together), and each output is still its
+    own greedy continuation."""
+    from loramux.core.lora import routing
+    from loramux.core.lora.segmented import SegmentedLinear
+
+    prefills: list[tuple[int, int, int]] = []  # (rows, runs, adapters on the module) of each prefill route
+
+    class Recorded(SegmentedLinear):
+        def __init__(self, row_loras):
+            super().__init__(row_loras)
+            adapters = len({id(lo) for lo in row_loras if lo is not None})
+            prefills.append((len(row_loras), len(self.runs), adapters))
+
+    monkeypatch.setattr(routing, "SegmentedLinear", Recorded)
+    stepped, queued, waited = threading.Event(), threading.Event(), []
+
+    def hold_first_step(rows: int) -> None:  # the burst queues while the engine thread waits here
+        if not waited:
+            stepped.set()
+            waited.append(queued.wait(30))
+
+    eng = make_engine(base_model, tokenizer, adapter_dirs)
+    eng._on_step = hold_first_step
+    adapters = ["math", "poet", "math", "poet"]
+    prompts = [[5 + i, 6 + i, 7 + i, 8 + i] for i in range(4)]
+    try:
+        first = eng.submit(GenerationRequest(prompt=[3, 4, 5], max_new_tokens=4, ignore_eos=True))
+        assert stepped.wait(30), "the first request never reached a decode step"
+        channels = [
+            eng.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=6, ignore_eos=True))
+            for p, a in zip(prompts, adapters, strict=True)
+        ]
+        queued.set()
+        outputs = [collect(c)[0] for c in channels]
+        collect(first)
+    finally:
+        eng.close()
+    assert waited == [True]
+    assert outputs == [peft_greedy(peft_model, p, a, 6) for p, a in zip(prompts, adapters, strict=True)]
+    burst = [(runs, adapters) for rows, runs, adapters in prefills if rows == 4]
+    assert burst and all(runs == adapters for runs, adapters in burst)  # interleaved: 4 (or 2) runs a module
+    assert max(runs for runs, _ in burst) == 2  # modules both adapters target: math's two rows, then poet's
