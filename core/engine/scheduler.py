@@ -14,10 +14,10 @@ prefilled; ``state`` says of each waiting request whether it can start (its adap
   waits meanwhile (requests of one adapter keep their order);
 - the others are prefilled together while rows x widest stays within ``prefill_tokens``, each queue's
   requests next to each other (``together``); the first that would not fit waits, first in its queue, and
-  ends the step's group (a lone prompt always fits). A row's
-  width (``width``) is its whole prompt, the part the prefix cache gives it included: its group holds and
-  attends to all of it, so a burst of cache hits on a long shared prompt spreads over a few steps, and the
-  first of them stream while the others wait, instead of all waiting for one long forward;
+  ends the step's group (a lone prompt always fits). A row's width (``width``) is its whole prompt, the
+  part the prefix cache gives it included: its group holds and attends to all of it, so a burst of cache
+  hits on a long shared prompt spreads over a few steps, and the first of them stream while the others
+  wait, instead of all waiting for one long forward;
 - with ``join_wait_steps`` (TGI's ``max_waiting_tokens`` and ``waiting_served_ratio`` do the same), while
   rows run, a prefill group smaller than ``join_fraction`` of the running rows (and than the free rows)
   waits for company, up to ``join_wait_steps`` steps after its oldest member became ready: one prompt's
@@ -227,7 +227,8 @@ def together(requests: Sequence[T], *, key: Callable[[T], Hashable]) -> list[T]:
     prefill's LoRA route (lora/segmented.py) runs a matmul pair per run of consecutive rows on one adapter:
     64 rows over 8 adapters took 64 pairs a module, 8 once grouped (the bench model's prefill of 64 x 32
     tokens: +176 ms over no adapters interleaved, +71 ms grouped; BENCHMARKS.md). Who joins is decided
-    before this, and the decode batch does not depend on its rows' order."""
+    before this. No row's output depends on the order; ragged attention's runs of similar lengths may
+    change, but the interleaved order was no more length-sorted than this one."""
     groups: dict[Hashable, list[T]] = {}
     for request in requests:
         groups.setdefault(key(request), []).append(request)
