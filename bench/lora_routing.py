@@ -114,7 +114,7 @@ def compare_prefill(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: 
         for _ in range(adapters)
     ]
     slots = [i % adapters for i in range(rows)]  # a0 a1 ... a7 a0 a1 ...: round-robin admission's order
-    grouped_slots = together(slots, key=lambda s: s)
+    grouped_slots = together(slots, key=lambda s: s, width=lambda _: tokens)
     x = torch.randn(rows, tokens, d_in)
     interleaved = SegmentedLinear([loras[s] for s in slots])
     grouped = SegmentedLinear([loras[s] for s in grouped_slots])

@@ -12,12 +12,12 @@ prefilled; ``state`` says of each waiting request whether it can start (its adap
 
 - a prompt longer than ``chunk_tokens`` is prefilled a chunk per step, one such prompt at a time; its queue
   waits meanwhile (requests of one adapter keep their order);
-- the others are prefilled together while rows x widest stays within ``prefill_tokens``, each queue's
-  requests next to each other (``together``); the first that would not fit waits, first in its queue, and
-  ends the step's group (a lone prompt always fits). A row's width (``width``) is its whole prompt, the
-  part the prefix cache gives it included: its group holds and attends to all of it, so a burst of cache
-  hits on a long shared prompt spreads over a few steps, and the first of them stream while the others
-  wait, instead of all waiting for one long forward;
+- the others are prefilled together while rows x widest stays within ``prefill_tokens``, rows of similar
+  width and then each queue's requests next to each other (``together``); the first that would not fit
+  waits, first in its queue, and ends the step's group (a lone prompt always fits). A row's width
+  (``width``) is its whole prompt, the part the prefix cache gives it included: its group holds and attends
+  to all of it, so a burst of cache hits on a long shared prompt spreads over a few steps, and the first
+  of them stream while the others wait, instead of all waiting for one long forward;
 - with ``join_wait_steps`` (TGI's ``max_waiting_tokens`` and ``waiting_served_ratio`` do the same), while
   rows run, a prefill group smaller than ``join_fraction`` of the running rows (and than the free rows)
   waits for company, up to ``join_wait_steps`` steps after its oldest member became ready: one prompt's
@@ -50,7 +50,7 @@ class Readiness(enum.Enum):
 class StepAdmission(Generic[T]):
     """What joins at one step, and what left the queue."""
 
-    prefill: list[T] = field(default_factory=list)  # prefilled together, in this order (each queue's together)
+    prefill: list[T] = field(default_factory=list)  # prefilled together, in this order (``together``)
     chunked: T | None = None  # starts its chunked prefill
     dropped: list[T] = field(default_factory=list)  # left the queue (Readiness.DROP)
 
@@ -163,7 +163,7 @@ class Scheduler(Generic[T]):
             if not progress:
                 break
         self.kv_blocked = len(blocked)
-        return StepAdmission(together(step.prefill, key=self._key), chunked, step.dropped)
+        return StepAdmission(together(step.prefill, key=self._key, width=self._width), chunked, step.dropped)
 
     def _hold_group(self, busy: int) -> bool:
         """Whether this step's prefill group waits for company (see the module docstring); ``busy``: rows
@@ -221,15 +221,20 @@ class Scheduler(Generic[T]):
         return dropped
 
 
-def together(requests: Sequence[T], *, key: Callable[[T], Hashable]) -> list[T]:
-    """``requests`` with each key's requests next to each other: keys in order of first appearance, each key's
-    requests in their order. Round-robin admission interleaves a group's adapters (a0 b0 a1 b1 ...), and the
-    prefill's LoRA route (lora/segmented.py) runs a matmul pair per run of consecutive rows on one adapter:
-    64 rows over 8 adapters took 64 pairs a module, 8 once grouped (the bench model's prefill of 64 x 32
-    tokens: +176 ms over no adapters interleaved, +71 ms grouped; BENCHMARKS.md). Who joins is decided
-    before this. No row's output depends on the order; ragged attention's runs of similar lengths may
-    change, but the interleaved order was no more length-sorted than this one."""
-    groups: dict[Hashable, list[T]] = {}
+def together(requests: Sequence[T], *, key: Callable[[T], Hashable], width: Callable[[T], int]) -> list[T]:
+    """``requests`` reordered: rows of similar width (within a power of two) next to each other, and within
+    those each key's requests next to each other; classes and keys in order of first appearance, each key's
+    requests in their order.
+
+    Round-robin admission interleaves a group's adapters (a0 b0 a1 b1 ...), and the prefill's LoRA route
+    (lora/segmented.py) runs a matmul pair per run of consecutive rows on one adapter: 64 rows over 8
+    adapters took 64 pairs a module, 8 once grouped (the bench model's prefill of 64 x 32 tokens: +176 ms
+    over no adapters interleaved, +71 ms grouped; BENCHMARKS.md). The decode batch inherits the order, and
+    its ragged attention (model/ragged_attention.py) takes contiguous runs of similar length: grouping by
+    adapter alone put a 300-token row between short ones and lost them, so width comes first. Who joins is
+    decided before this; no row's output depends on the order."""
+    classes: dict[int, dict[Hashable, list[T]]] = {}
     for request in requests:
-        groups.setdefault(key(request), []).append(request)
-    return [request for group in groups.values() for request in group]
+        by_key = classes.setdefault(max(width(request), 1).bit_length(), {})
+        by_key.setdefault(key(request), []).append(request)
+    return [request for by_key in classes.values() for group in by_key.values() for request in group]

@@ -84,6 +84,21 @@ def test_a_prefill_group_holds_each_adapters_rows_together():
     assert names(list(s)) == ["base2", "a3"]  # "a" was served last: it goes to the back
 
 
+def test_a_prefill_group_keeps_rows_of_similar_width_together_before_adapters():
+    # the decode batch inherits the order, and ragged attention takes runs of similar length: a long row
+    # between short ones would split them, so width (within a power of two) comes before the adapter
+    s = scheduler(
+        Req("a-short", prompt=4, adapter="a"),
+        Req("a-long", prompt=20, adapter="a"),
+        Req("b-long", prompt=20, adapter="b"),
+        Req("b-short", prompt=4, adapter="b"),
+        max_rows=4,
+        prefill_tokens=100,
+    )
+    step = s.next_step(running=0, chunking=False)  # admitted a-short, b-long, a-long, b-short
+    assert names(step.prefill) == ["a-short", "b-short", "b-long", "a-long"]
+
+
 def test_queues_are_served_round_robin():
     burst = [Req(f"a{i}", adapter="a") for i in range(300)]
     s = scheduler(*burst, Req("b0", adapter="b"), Req("base0"), max_rows=3)
