@@ -9,9 +9,9 @@ over its adapters and KV cache, and the freed pages stayed resident as heap hole
 Rows are taken in runs of consecutive rows on one adapter: a run is a slice of x and of the output, no
 gather and no scatter. Rows keep the group's order (the decode batch inherits it, and ragged attention's runs
 of similar lengths follow it); the engine's scheduler puts each adapter's rows of a group next to each other
-(scheduler.together), so an adapter takes one run; rows of one adapter that are apart take one run each
-(gathering them per adapter measured no faster). Each row's delta is PEFT's (x @ A.T @ B.T) * scaling; base
-rows get nothing added.
+within rows of similar width (scheduler.together), so an adapter usually takes one run; rows of one adapter
+that are apart take one run each (gathering them per adapter measured no faster). Each row's delta is PEFT's
+(x @ A.T @ B.T) * scaling; base rows get nothing added.
 """
 
 from __future__ import annotations
