@@ -76,13 +76,29 @@ def time_step(step: Step, *, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int, repeats: int) -> dict:
+def projection(*, adapters: int, d_in: int, d_out: int, r: int) -> tuple[torch.nn.Linear, list[LinearLora]]:
+    """One base projection and ``adapters`` LoRAs on it (seeded)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(d_in, d_out, bias=False)
     loras = [
         LinearLora.from_peft(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0)
         for _ in range(adapters)
     ]
+    return base, loras
+
+
+def interleaved_medians(steps: dict[str, Step], *, repeats: int) -> dict[str, float]:
+    """Each step's median time over 5 interleaved rounds (the machine is noisy)."""
+    with torch.no_grad():
+        results: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(5):
+            for name, step in steps.items():
+                results[name].append(time_step(step, repeats=repeats))
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
+def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int, repeats: int) -> dict:
+    base, loras = projection(adapters=adapters, d_in=d_in, d_out=d_out, r=r)
     row_slot = [i % adapters for i in range(rows)]
     row_loras = [loras[s] for s in row_slot]
     x = torch.randn(rows, tokens, d_in)
@@ -97,22 +113,12 @@ def compare(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: 
     reference = steps["loop"]()
     for name in ("gathered", "grouped", "wide"):
         assert torch.allclose(steps[name](), reference, atol=1e-4), name
-    with torch.no_grad():
-        results = {name: [] for name in steps}
-        for _ in range(5):  # interleaved rounds: the machine is noisy
-            for name, step in steps.items():
-                results[name].append(time_step(step, repeats=repeats))
-    return {name: statistics.median(v) for name, v in results.items()}
+    return interleaved_medians(steps, repeats=repeats)
 
 
 def compare_prefill(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: int, r: int) -> dict:
     """Seconds for one projection's prefill: base only, segmented over interleaved rows, segmented grouped."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(d_in, d_out, bias=False)
-    loras = [
-        LinearLora.from_peft(torch.randn(r, d_in) * 0.02, torch.randn(d_out, r) * 0.02, None, 2.0)
-        for _ in range(adapters)
-    ]
+    base, loras = projection(adapters=adapters, d_in=d_in, d_out=d_out, r=r)
     slots = [i % adapters for i in range(rows)]  # a0 a1 ... a7 a0 a1 ...: round-robin admission's order
     grouped_slots = together(slots, key=lambda s: s, width=lambda _: tokens)
     x = torch.randn(rows, tokens, d_in)
@@ -123,12 +129,7 @@ def compare_prefill(*, rows: int, tokens: int, adapters: int, d_in: int, d_out: 
         "interleaved": lambda: interleaved.forward(base, x, (), {}),
         "grouped": lambda: grouped.forward(base, x, (), {}),
     }
-    with torch.no_grad():
-        results: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(5):
-            for name, step in steps.items():
-                results[name].append(time_step(step, repeats=10))
-    return {name: statistics.median(v) for name, v in results.items()}
+    return interleaved_medians(steps, repeats=10)
 
 
 def main() -> None:
