@@ -26,10 +26,11 @@ CORE_LAYERS = {
     "errors": set(),
     "memory": set(),
     "serial": set(),
-    "lora": {"errors", "memory", "serial"},
-    "model": {"errors", "memory", "serial"},
+    "native": set(),
+    "lora": {"errors", "memory", "serial", "native"},
+    "model": {"errors", "memory", "serial", "native"},
     "adapters": {"errors", "memory", "serial", "lora"},
-    "engine": {"errors", "memory", "serial", "lora", "model", "adapters"},
+    "engine": {"errors", "memory", "serial", "native", "lora", "model", "adapters"},
 }
 MAX_LINES = 400
 OLD_TOP_LEVEL = ("core", "service", "clients", "demo", "deploy")

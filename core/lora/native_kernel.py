@@ -5,26 +5,17 @@ padding, add back) and its bmm streams the adapters at about half the rate a pla
 "Session 18"). The C kernel does the whole ``out[row] += x[row] · A_k · B_k`` of one module in one call, reading
 each adapter's A and B once for all its rows, with the accumulators in registers.
 
-The source is compiled once per machine with ``-O3 -march=native -fopenmp`` into a per-user cache
-(``~/.cache/loramux/native``, keyed by the source, the compiler's version and the CPU's model and flags, so a
-home shared between different CPUs never loads code built for another), and loaded with ctypes *after* torch:
-its OpenMP symbols then bind to the libgomp torch already loaded, one thread pool for both (a second pool halved
-the grouped route's speed, BENCHMARKS "Session 18"). A self-check against torch on a small case runs before the
-kernel is used. No compiler, a failed build or a failed check: ``load_grouped_kernel`` says why and the engine
-runs torch's route (``--lora-kernel auto``) or refuses to start (``--lora-kernel native``).
+It is built and loaded by ``loramux.core.native`` (compiled once per machine into a per-user cache, loaded
+after torch so that its OpenMP binds to torch's libgomp: one thread pool for both). A self-check against torch
+on a small case runs before the kernel is used. No compiler, a failed build or a failed check:
+``load_grouped_kernel`` says why and the engine runs torch's route (``--lora-kernel auto``) or refuses to start
+(``--lora-kernel native``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import itertools
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,22 +25,13 @@ import torch
 from torch import Tensor
 
 from loramux.core.lora.weights import LinearLora
-
-log = logging.getLogger(__name__)
+from loramux.core.native import NativeKernelUnavailable, load_library
 
 SOURCE: Final = Path(__file__).with_name("native") / "grouped_lora.c"
-# 512-bit vectors where the CPU has them: gcc's default for AVX-512 CPUs is 256-bit, which also spilled the
-# kernel's accumulators to the stack (3x slower); a CPU without AVX-512 ignores the preference
-FLAGS: Final = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
 MAX_RANK: Final = 64  # ranks 8, 16, 32, 64 run compiled for their rank; others up to 64 a generic loop
-COMPILE_SECONDS: Final = 120.0
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-
-
-class NativeKernelUnavailable(RuntimeError):
-    """The native kernel cannot run on this machine (the message says why)."""
 
 
 def takes(lora: LinearLora) -> bool:
@@ -129,73 +111,13 @@ class GroupedKernel:
 
 def load_grouped_kernel(*, cache_dir: Path | None = None) -> GroupedKernel:
     """Build (or reuse) and load the kernel, and check it against torch; NativeKernelUnavailable says why not."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise NativeKernelUnavailable("no C compiler (gcc or cc) on PATH")
-    if not SOURCE.is_file():
-        raise NativeKernelUnavailable(f"kernel source {SOURCE} is missing from this install")
-    directory = cache_dir if cache_dir is not None else Path.home() / ".cache" / "loramux" / "native"
-    path = directory / f"grouped_lora-{_build_key(compiler)}.so"
-    if not path.is_file():
-        _compile(compiler, directory, path)
-    try:
-        lib = ctypes.PyDLL(str(path))  # keeps the GIL: a released one is retaken only after other threads yield
-    except OSError as exc:
-        raise NativeKernelUnavailable(f"cannot load {path}: {exc}") from exc
+    lib, path = load_library(SOURCE, cache_dir=cache_dir)
     fn = lib.lora_grouped_add
     fn.restype = ctypes.c_int
     fn.argtypes = [_P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int]
     kernel = GroupedKernel(path=path, _fn=fn)
     _self_check(kernel)
     return kernel
-
-
-def _build_key(compiler: str) -> str:
-    """Changes with the source, the flags, the compiler's version and this CPU (model and feature flags)."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
-    digest.update(version.stdout.encode())
-    digest.update(platform.machine().encode())
-    digest.update(_cpu_identity().encode())
-    return digest.hexdigest()[:16]
-
-
-def _cpu_identity() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keep = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "\n".join(dict.fromkeys(keep))  # one of each: every core repeats them
-
-
-def _compile(compiler: str, directory: Path, path: Path) -> None:
-    """Compile into a temporary file beside ``path`` and rename it into place: two processes building at once
-    each load a whole library, never a half-written one."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise NativeKernelUnavailable(f"cannot create the kernel cache {directory}: {exc}") from exc
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE)],
-            capture_output=True,
-            text=True,
-            timeout=COMPILE_SECONDS,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise NativeKernelUnavailable(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, path)
-    except subprocess.TimeoutExpired as exc:
-        raise NativeKernelUnavailable(f"{compiler} took over {COMPILE_SECONDS:.0f} s") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("built the native grouped-LoRA kernel: %s", path)
 
 
 def _self_check(kernel: GroupedKernel) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from loramux.core import native
 from loramux.core.lora import kernel_choice as choice_module
 from loramux.core.lora import native_kernel
 from loramux.core.lora.grouped import GroupedLinear
@@ -161,7 +162,7 @@ def test_the_build_is_cached_per_machine_and_reused(tmp_path, monkeypatch):
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler (gcc/cc) to build the kernel")
     first = load_grouped_kernel(cache_dir=tmp_path)
-    monkeypatch.setattr(native_kernel, "_compile", lambda *a: pytest.fail("compiled again"))
+    monkeypatch.setattr(native, "compile_library", lambda *a: pytest.fail("compiled again"))
     assert load_grouped_kernel(cache_dir=tmp_path).path == first.path
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left
 
@@ -187,7 +188,7 @@ def test_concurrent_builds_each_load_a_whole_library(tmp_path):
 
 
 def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(native_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.raises(NativeKernelUnavailable, match="no C compiler"):
         load_grouped_kernel(cache_dir=tmp_path)
 
@@ -214,14 +215,14 @@ def test_lora_kernel_torch_never_builds(monkeypatch):
 
 
 def test_lora_kernel_auto_without_a_compiler_runs_torch_and_says_why(monkeypatch):
-    monkeypatch.setattr(native_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     chosen = start_lora_kernel(tiny_model(), LoraKernel.AUTO, max_batch_rows=8)
     assert chosen.kernel is None and "no C compiler" in (chosen.unavailable or "")
     assert "-> torch (no C compiler" in chosen.describe()
 
 
 def test_lora_kernel_native_without_a_compiler_refuses_to_start(monkeypatch):
-    monkeypatch.setattr(native_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.raises(NativeKernelUnavailable, match="no C compiler"):
         start_lora_kernel(tiny_model(), LoraKernel.NATIVE, max_batch_rows=8)
 
@@ -241,9 +242,9 @@ def test_lora_kernel_auto_keeps_the_faster_over_the_model_shapes(kernel, monkeyp
 
 def test_cache_key_changes_with_the_cpu(monkeypatch):
     compiler = shutil.which("gcc") or shutil.which("cc") or "/bin/true"
-    key = native_kernel._build_key(compiler)
-    monkeypatch.setattr(native_kernel, "_cpu_identity", lambda: "model name: another CPU")
-    assert native_kernel._build_key(compiler) != key
+    key = native.build_key(compiler, native_kernel.SOURCE)
+    monkeypatch.setattr(native, "cpu_identity", lambda: "model name: another CPU")
+    assert native.build_key(compiler, native_kernel.SOURCE) != key
 
 
 def test_source_ships_with_the_package():
