@@ -28,8 +28,10 @@ from bench.common import bpe_tokenizer, clone_adapters, cpu_model, llama_512, ma
 from loramux.core import AdapterManager, AdapterSelection, Engine, EngineConfig, GenerationRequest, TokenDelta
 from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
+from loramux.core.model.native_linear import native_linear
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
+FIXED = ("torch GEMM (MKL)", "oneDNN GEMM", "native GEMM")  # the cases on one fixed linear kernel
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -244,6 +246,15 @@ def main() -> None:
                 "engine no adapters, oneDNN GEMM": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.ONEDNN
                 ),
+                **(
+                    {}
+                    if isinstance(native_linear(), str)
+                    else {
+                        "engine no adapters, native GEMM": engine_case(
+                            base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.NATIVE
+                        )
+                    }
+                ),
                 "engine no adapters, transformers forward": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, lean=False
                 ),
@@ -288,7 +299,7 @@ def report(tput: dict[str, float], tput64: dict[str, float], latencies: dict[str
         ("engine without adapters vs transformers generate", bare / tput["transformers generate"], 1.3),
         (
             "kernel auto vs the faster fixed kernel (no adapters)",
-            bare / max(tput["engine no adapters, torch GEMM (MKL)"], tput["engine no adapters, oneDNN GEMM"]),
+            bare / max(v for k, v in tput.items() if k.startswith("engine no adapters, ") and k.endswith(FIXED)),
             0.95,
         ),
         ("8 distinct adapters vs peft mixed-batch generate", ours / tput["peft mixed-batch generate"], 3.5),

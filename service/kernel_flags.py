@@ -28,9 +28,11 @@ def add_kernel_flags(g: argparse._ArgumentGroup) -> None:
         choices=[k.value for k in LinearKernel],
         default=kernel,
         help=(
-            "GEMM for the model's linear layers on CPU: auto times both on the model's shapes at startup and "
-            "runs each layer, at each row count, on the faster; onednn keeps a packed copy of each linear weight "
-            f"(one more copy of their memory); torch: MKL, as transformers and PEFT (default {kernel})"
+            "GEMM for the model's linear layers on CPU: auto times oneDNN, torch's and the native kernel on the "
+            "model's shapes at startup and runs each layer, at each row count, on the fastest; onednn keeps a "
+            "packed copy of each linear weight (one more copy of their memory); torch: MKL, as transformers and "
+            "PEFT; native: loramux's fp32 kernel for up to 64 rows (AVX-512, built with gcc at startup, cached in "
+            f"~/.cache/loramux; startup fails without it), torch's beyond (default {kernel})"
         ),
     )
     lora = _ENGINE.lora_kernel.value

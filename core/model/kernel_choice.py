@@ -1,13 +1,14 @@
-"""``--linear-kernel auto``: which GEMM runs each linear layer, decided on this machine by timing both.
+"""``--linear-kernel auto``: which GEMM runs each linear layer, decided on this machine by timing them.
 
 oneDNN's packed kernels ran a decode step 1.5-1.7x faster than torch's MKL path on one AMD EPYC, and the
 same default was *slower* on an Intel Xeon with AMX (issue #13); on an AVX2-only EPYC the winner changes with
-the number of rows. So at engine start, on the engine's thread, each distinct linear shape of the model is
-timed with both kernels at the row counts the engine will run (``row_buckets``: decode batches up to
-``max_batch_rows``, and a prefill chunk), and every layer of that shape runs, at each row count, the kernel
-that was faster at the nearest measured count at or above it (``OneDnnLinear.onednn_rows``). The table is
-logged and kept (``KernelChoice``) for the bench to print. Results agree with either kernel's to fp32
-rounding, so the choice changes speed only.
+the number of rows; loramux's native skinny kernel (native_linear.py, AVX-512) beat both at decode rows on
+that Intel Xeon. So at engine start, on the engine's thread, each distinct linear shape of the model is timed
+with each kernel at the row counts the engine will run (``row_buckets``: decode batches up to
+``max_batch_rows``, and a prefill chunk; the native kernel where it takes the rows), and every layer of that
+shape runs, at each row count, the kernel that was fastest at the nearest measured count at or above it
+(``OneDnnLinear.kernel_rows``). The table is logged and kept (``KernelChoice``) for the bench to print.
+Results agree with every kernel's to fp32 rounding, so the choice changes speed only.
 
 Timing is bounded: each (shape, rows, kernel) cell runs at least ``MIN_RUNS`` passes and until ``CELL_SECONDS``
 have passed (at most ``MAX_RUNS``), after one untimed warm-up pass (oneDNN packs and JITs on first use); a pass
@@ -39,6 +40,7 @@ from loramux.core.model.linear_kernels import (
     plain_linears,
     use_linear_kernel,
 )
+from loramux.core.model.native_linear import MAX_ROWS, NativeLinear, native_linear
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,23 @@ class KernelTiming:
     rows: int
     onednn_s: float
     torch_s: float
+    native_s: float | None = None  # None: not timed (no native kernel here, or rows or dtype it does not take)
+
+    def seconds(self) -> dict[LinearKernel, float]:
+        """Each timed kernel's seconds, in the order ties go: oneDNN, torch, native."""
+        timed = {LinearKernel.ONEDNN: self.onednn_s, LinearKernel.TORCH: self.torch_s}
+        return timed | ({LinearKernel.NATIVE: self.native_s} if self.native_s is not None else {})
 
     @property
-    def onednn_wins(self) -> bool:
-        return self.onednn_s < self.torch_s
+    def fastest(self) -> LinearKernel:
+        timed = self.seconds()
+        return min(timed, key=timed.__getitem__)
+
+    @property
+    def unpacked(self) -> LinearKernel:
+        """The faster of the kernels that need no packed copy (torch, native): what an unfused member runs."""
+        timed = {k: s for k, s in self.seconds().items() if k is not LinearKernel.ONEDNN}
+        return min(timed, key=timed.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -80,26 +95,32 @@ class KernelChoice:
     """What ``auto`` measured and chose: one timing per (shape, rows)."""
 
     timings: tuple[KernelTiming, ...]
+    native_unavailable: str | None = None  # why the native kernel was not timed, where it was not
 
-    def onednn_rows(self, shape: Shape) -> tuple[tuple[int, bool], ...]:
-        """(rows, oneDNN faster) for ``shape``, by rows."""
-        return tuple((t.rows, t.onednn_wins) for t in self.timings if (t.out_features, t.in_features, t.dtype) == shape)
+    def kernel_rows(self, shape: Shape) -> tuple[tuple[int, LinearKernel], ...]:
+        """(rows, fastest kernel) for ``shape``, by rows."""
+        return tuple((t.rows, t.fastest) for t in self.timings if (t.out_features, t.in_features, t.dtype) == shape)
 
     def describe(self) -> str:
         lines = []
         for t in self.timings:
-            winner = "onednn" if t.onednn_wins else "torch"
+            timed = ", ".join(f"{k.value} {s * 1e3:.3f} ms" for k, s in t.seconds().items())
             lines.append(
                 f"{t.out_features}x{t.in_features} {str(t.dtype).removeprefix('torch.')} rows={t.rows}: "
-                f"onednn {t.onednn_s * 1e3:.3f} ms, torch {t.torch_s * 1e3:.3f} ms -> {winner}"
+                f"{timed} -> {t.fastest.value}"
             )
+        if self.native_unavailable:
+            lines.append(f"native not timed: {self.native_unavailable}")
         return "\n".join(lines)
 
     @property
     def summary(self) -> str:
-        """e.g. 'onednn 9/12, torch 3/12' (cells each kernel won)."""
-        wins = sum(t.onednn_wins for t in self.timings)
-        return f"onednn {wins}/{len(self.timings)}, torch {len(self.timings) - wins}/{len(self.timings)}"
+        """e.g. 'onednn 9/12, torch 3/12' (cells each kernel won; native's too where it was timed)."""
+        kernels = [LinearKernel.ONEDNN, LinearKernel.TORCH]
+        if any(t.native_s is not None for t in self.timings):
+            kernels.append(LinearKernel.NATIVE)
+        n = len(self.timings)
+        return ", ".join(f"{k.value} {sum(t.fastest is k for t in self.timings)}/{n}" for k in kernels)
 
 
 def row_buckets(*, max_batch_rows: int, prefill_rows: int) -> tuple[int, ...]:
@@ -118,10 +139,14 @@ def start_linear_kernels(
     in use (TORCH where oneDNN cannot run) and, for AUTO, what was measured."""
     if kernel is not LinearKernel.AUTO:
         used, choice = use_linear_kernel(model, kernel), None
-        if used is LinearKernel.ONEDNN:
-            fuse_onednn_siblings(model)  # fused at every row count, as every layer is on oneDNN
+        if used in (LinearKernel.ONEDNN, LinearKernel.NATIVE):
+            fuse_onednn_siblings(model)  # fused at every row count, as every layer is on the one kernel
     else:
-        choice = choose_kernels(model, rows=row_buckets(max_batch_rows=max_batch_rows, prefill_rows=prefill_rows))
+        native = native_linear()
+        if isinstance(native, str):
+            log.info("linear kernel auto: the native kernel is not timed (%s)", native)
+        rows = row_buckets(max_batch_rows=max_batch_rows, prefill_rows=prefill_rows)
+        choice = choose_kernels(model, rows=rows, native=native)
         used = LinearKernel.AUTO if choice is not None else LinearKernel.TORCH
     compile_decode_kernels(model, max_batch_rows=max_batch_rows)
     return used, choice
@@ -140,16 +165,19 @@ def compile_decode_kernels(model: nn.Module, *, max_batch_rows: int) -> None:
     with torch.no_grad():
         for module in by_shape.values():
             for rows in range(1, max_batch_rows + 1):
-                if module._onednn_at(rows):  # rows auto put on torch's GEMM build nothing
+                if module.kernel_at(rows) is LinearKernel.ONEDNN:  # rows on other kernels build nothing
                     module(torch.zeros(rows, module.in_features, dtype=module.weight.dtype))
     if by_shape:
         log.info("oneDNN decode kernels for 1-%d rows built in %.2f s", max_batch_rows, time.perf_counter() - start)
 
 
-def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None = None) -> KernelChoice | None:
-    """Time both kernels on each distinct CPU linear shape the model has (plain nn.Linear layers whose dtype
-    oneDNN runs here), switch the model to OneDnnLinear with each layer's per-rows table; returns what was
-    measured, or None (every layer left on torch's GEMM) when oneDNN runs none of them."""
+def choose_kernels(
+    model: nn.Module, *, rows: Sequence[int], timer: Timer | None = None, native: NativeLinear | str | None = None
+) -> KernelChoice | None:
+    """Time the kernels on each distinct CPU linear shape the model has (plain nn.Linear layers whose dtype
+    oneDNN runs here; ``native``: the native kernel too, where it takes the rows, or why it cannot run), switch
+    the model to OneDnnLinear with each layer's per-rows table; returns what was measured, or None (every layer
+    left on torch's GEMM) when oneDNN runs none of them."""
     time_one = timer or _time_kernel
     layers = plain_linears(model)
     candidates = [m for m in layers if m.weight.device.type == "cpu" and m.weight.dtype in onednn_dtypes()]
@@ -159,6 +187,10 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
     use_linear_kernel(model, LinearKernel.ONEDNN)  # packs once; a shape torch wins everywhere drops its copy
     groups = fuse_onednn_siblings(model)
     candidates += [group.layer for group in groups]  # timed like the others: a fused shape gets its own table
+    kernel = native if isinstance(native, NativeLinear) else None
+    for module in candidates:
+        assert isinstance(module, OneDnnLinear)
+        module.native = kernel
     by_shape = _one_per_shape(candidates)  # OneDnnLinear now
     timings = []
     with torch.no_grad():
@@ -166,35 +198,45 @@ def choose_kernels(model: nn.Module, *, rows: Sequence[int], timer: Timer | None
             for n in rows:
                 onednn_s = time_one(LinearKernel.ONEDNN, timed, n)
                 torch_s = time_one(LinearKernel.TORCH, timed, n)
-                timings.append(KernelTiming(shape[0], shape[1], shape[2], n, onednn_s, torch_s))
-    choice = KernelChoice(tuple(timings))
+                native_s = time_one(LinearKernel.NATIVE, timed, n) if kernel and _native_takes(shape, n) else None
+                timings.append(KernelTiming(shape[0], shape[1], shape[2], n, onednn_s, torch_s, native_s))
+    choice = KernelChoice(tuple(timings), native_unavailable=native if isinstance(native, str) else None)
     for module in candidates:
         assert isinstance(module, OneDnnLinear)
-        table = choice.onednn_rows(_shape(module))
-        module.onednn_rows = table
-        if not any(wins for _, wins in table):
+        table = choice.kernel_rows(_shape(module))
+        module.kernel_rows = table
+        if not any(k is LinearKernel.ONEDNN for _, k in table):
             module.drop_packed()
+    best = {(_timing_shape(t), t.rows): t for t in choice.timings}
     for group in groups:
         group.fused_rows = _fused_rows(choice, group)
-        for member in group.members:  # unfused, a member runs torch's GEMM: it has no packed copy of its own
+        for member in group.members:  # unfused, a member has no packed copy: it runs torch's GEMM or native
             assert isinstance(member, OneDnnLinear)
-            member.onednn_rows = tuple((n, False) for n, _ in group.fused_rows)
+            member.kernel_rows = tuple((n, best[_shape(member), n].unpacked) for n, _ in group.fused_rows)
     log.info("linear kernel auto: %s\n%s", choice.summary, choice.describe())
     if groups:
         log.info("q/k/v and gate/up as one GEMM at rows: %s", groups[0].fused_rows)
     return choice
 
 
+def _native_takes(shape: Shape, rows: int) -> bool:
+    return shape[2] == torch.float32 and rows <= MAX_ROWS
+
+
+def _timing_shape(t: KernelTiming) -> Shape:
+    return (t.out_features, t.in_features, t.dtype)
+
+
 def _fused_rows(choice: KernelChoice, group: FusedSiblings) -> tuple[tuple[int, bool], ...]:
-    """(rows, fuse) by rows: one GEMM, on its faster kernel, plus handing out the members' slices, where that
-    took at most FUSED_MARGIN of the members' own GEMMs (on torch's, as unfused members run: see
-    fuse_onednn_siblings)."""
-    best = {((t.out_features, t.in_features, t.dtype), t.rows): t for t in choice.timings}
+    """(rows, fuse) by rows: one GEMM, on its fastest kernel, plus handing out the members' slices, where that
+    took at most FUSED_MARGIN of the members' own GEMMs (on the faster of torch's and native, as unfused
+    members run: see fuse_onednn_siblings)."""
+    best = {(_timing_shape(t), t.rows): t for t in choice.timings}
     table = []
     for n in sorted({t.rows for t in choice.timings}):
         fused = best[_shape(group.layer), n]
-        separate = sum(best[_shape(m), n].torch_s for m in group.members)
-        fused_s = min(fused.onednn_s, fused.torch_s) + _slicing_s(group, n)
+        separate = sum(best[_shape(m), n].seconds()[best[_shape(m), n].unpacked] for m in group.members)
+        fused_s = min(fused.seconds().values()) + _slicing_s(group, n)
         table.append((n, fused_s <= FUSED_MARGIN * separate))
     return tuple(table)
 
@@ -214,12 +256,13 @@ def _slicing_s(group: FusedSiblings, rows: int) -> float:
 
 def fuse_onednn_siblings(model: nn.Module) -> list[FusedSiblings]:
     """q/k/v and gate/up as one GEMM each (fused_linears.py); the group's layer takes over the members' packed
-    copies (the memory stays that of one packed copy). Returns the groups."""
+    copies (the memory stays that of one packed copy) and their kernel table. Returns the groups."""
     layers: list[FusedSiblings] = []
     for group in fuse_siblings(model, layer_class=OneDnnLinear):
         members: list[OneDnnLinear] = group.members  # type: ignore[assignment]
         layer = group.layer
         assert isinstance(layer, OneDnnLinear)
+        layer.kernel_rows, layer.native = members[0].kernel_rows, members[0].native
         layer.packs = all(m.packs for m in members)
         for member in members:
             member.drop_packed()
@@ -256,6 +299,12 @@ def _time_kernel(kernel: LinearKernel, module: nn.Linear, rows: int) -> float:
 
         def run(i: int) -> Tensor:
             return _onednn_linear(x, operands[i], module.bias)
+    elif kernel is LinearKernel.NATIVE:
+        native = getattr(module, "native", None)
+        assert native is not None
+
+        def run(i: int) -> Tensor:
+            return native(x, weights[i], module.bias)
     else:
 
         def run(i: int) -> Tensor:

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loramux.core.model.native_linear import MAX_ROWS, NativeLinear, native_linear
+from loramux.core.native import NativeKernelUnavailable
+
 log = logging.getLogger(__name__)
 
 FUSED: Final = "_loramux_fused"  # a member layer's __dict__ key of its fused_linears.FusedSiblings
@@ -42,9 +45,10 @@ FUSED: Final = "_loramux_fused"  # a member layer's __dict__ key of its fused_li
 class LinearKernel(enum.Enum):
     """The GEMM behind the model's nn.Linear layers on CPU."""
 
-    AUTO = "auto"  # each layer, at each row count, on whichever of the two was faster here (kernel_choice.py)
+    AUTO = "auto"  # each layer, at each row count, on whichever kernel was fastest here (kernel_choice.py)
     ONEDNN = "onednn"  # oneDNN's JIT kernels, weights packed once (OneDnnLinear)
     TORCH = "torch"  # torch's default: MKL's sgemm on x86, what transformers and PEFT run
+    NATIVE = "native"  # loramux's skinny fp32 kernel up to native_linear.MAX_ROWS rows, torch's beyond
 
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN may run; onednn_dtypes(): what it runs here
@@ -52,6 +56,8 @@ _PROBE_TOLERANCE: Final = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # oneDNN picks the packed layout for about this many rows; 8 and 64 measured the same at every batch size
 _PACK_ROWS_HINT: Final = 32
 _PACKED: Final = "_onednn_packed"  # the __dict__ key of (weight key, packed weight)
+# --linear-kernel native: the native kernel where it takes the rows, torch's GEMM beyond
+NATIVE_ROWS: Final = ((MAX_ROWS, LinearKernel.NATIVE), (MAX_ROWS + 1, LinearKernel.TORCH))
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -68,9 +74,10 @@ class OneDnnLinear(nn.Linear):
     """nn.Linear whose inference forward on CPU runs oneDNN's GEMM (see the module docstring)."""
 
     packs = True  # keep a packed copy of the weight; set False on an instance to run on the plain weight
-    # --linear-kernel auto: (rows, oneDNN faster) by rows, measured here; a call of r rows follows the first
-    # entry with rows >= r (the last beyond). None: oneDNN at every row count
-    onednn_rows: tuple[tuple[int, bool], ...] | None = None
+    # (rows, kernel) by rows (--linear-kernel auto: measured here); a call of r rows follows the first entry
+    # with rows >= r (the last beyond). None: oneDNN at every row count
+    kernel_rows: tuple[tuple[int, LinearKernel], ...] | None = None
+    native: NativeLinear | None = None  # the loaded native kernel, where the table names it
 
     def forward(self, input: Tensor) -> Tensor:
         group = self.__dict__.get(FUSED)  # a member of sibling layers run as one GEMM (fused_linears.py)
@@ -79,29 +86,33 @@ class OneDnnLinear(nn.Linear):
             if out is not None:
                 return out
         weight = self.weight
+        if torch.is_grad_enabled() or input.numel() == 0:
+            return F.linear(input, weight, self.bias)
+        kernel = self.kernel_at(input.numel() // input.shape[-1])
         if (
-            input.device.type == "cpu"
+            kernel is LinearKernel.ONEDNN
+            and input.device.type == "cpu"
             and input.dtype == weight.dtype
             and input.dtype in onednn_dtypes()
             and input.dim() >= 2
-            and input.numel() > 0
-            and not torch.is_grad_enabled()
-            and self._onednn_at(input.numel() // input.shape[-1])
         ):
             return _onednn_linear(input, self._packed_weight(weight) if self.packs else weight, self.bias)
+        if kernel is LinearKernel.NATIVE and self.native is not None and self.native.takes(input, weight):
+            return self.native(input, weight, self.bias)
         return F.linear(input, weight, self.bias)
 
-    def _onednn_at(self, rows: int) -> bool:
-        table = self.onednn_rows
+    def kernel_at(self, rows: int) -> LinearKernel:
+        """The kernel a call of ``rows`` rows runs on (where it can: else torch's)."""
+        table = self.kernel_rows
         if table is None:
-            return True
-        for measured, faster in table:
+            return LinearKernel.ONEDNN
+        for measured, kernel in table:
             if rows <= measured:
-                return faster
+                return kernel
         return table[-1][1]
 
     def drop_packed(self) -> None:
-        """This layer never runs oneDNN (auto found torch faster at every row count): no packed copy."""
+        """This layer never runs oneDNN (auto found another kernel faster at every row count): no packed copy."""
         self.__dict__.pop(_PACKED, None)
         self.packs = False
 
@@ -159,7 +170,8 @@ def _probe(dtype: torch.dtype) -> bool:
 
 def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
     """Run the model's plain nn.Linear layers with ``kernel``; returns the kernel in use, TORCH when oneDNN is
-    asked for but this build lacks it (logged). Subclasses of nn.Linear are left alone."""
+    asked for but this build lacks it (logged). NATIVE where the native kernel cannot run raises
+    NativeKernelUnavailable (why). Subclasses of nn.Linear are left alone."""
     if not isinstance(kernel, LinearKernel):
         raise TypeError(f"kernel must be a LinearKernel (got {kernel!r})")
     if kernel is LinearKernel.AUTO:
@@ -167,20 +179,22 @@ def use_linear_kernel(model: nn.Module, kernel: LinearKernel) -> LinearKernel:
     if kernel is LinearKernel.ONEDNN and not onednn_works():
         log.warning("oneDNN linear is not available in this torch build; using torch's default GEMM")
         kernel = LinearKernel.TORCH
-    onednn = kernel is LinearKernel.ONEDNN
+    native = native_linear() if kernel is LinearKernel.NATIVE else None
+    if isinstance(native, str):
+        raise NativeKernelUnavailable(f"--linear-kernel native: {native}")
     switched = plain_linears(model)
     for module in switched:  # every one starts afresh: no packed copy, nor what an earlier auto chose
-        module.__dict__.pop(_PACKED, None)
-        module.__dict__.pop("packs", None)
-        module.__dict__.pop("onednn_rows", None)
-        module.__dict__.pop(FUSED, None)  # fused again, if at all, by kernel_choice after this switch
-    packs = onednn and _packed_copies_fit(switched)
+        for key in (_PACKED, "packs", "kernel_rows", "native", FUSED):  # fused again, if at all, by kernel_choice
+            module.__dict__.pop(key, None)
+    packs = kernel is LinearKernel.ONEDNN and _packed_copies_fit(switched)
     for module in switched:
-        module.__class__ = OneDnnLinear if onednn else nn.Linear
+        module.__class__ = nn.Linear if kernel is LinearKernel.TORCH else OneDnnLinear
         if isinstance(module, OneDnnLinear):
             module.packs = packs
             if packs:
                 module.prepack()
+            if native is not None:
+                module.kernel_rows, module.native = NATIVE_ROWS, native
     return kernel
 
 

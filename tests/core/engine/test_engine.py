@@ -34,6 +34,7 @@ from loramux.core.errors import (
     ShuttingDownError,
 )
 from loramux.core.lora.kernel_choice import LoraKernel
+from loramux.core.model.native_linear import native_linear
 from tests.core.lora.test_native_kernel import count_kernel_calls
 from tests.generation_fixtures import VOCAB, collect
 from tests.service.harness import wait_until
@@ -65,6 +66,8 @@ def engine_each_kernel(request, base_model, tokenizer, adapter_dirs, monkeypatch
     calls = count_kernel_calls(monkeypatch)
     if lora is LoraKernel.NATIVE and shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler (gcc/cc) to build the native LoRA kernel")
+    if linear is LinearKernel.NATIVE and isinstance(why := native_linear(), str):
+        pytest.skip(f"the native linear kernel cannot run here: {why}")
     eng = make_engine(base_model, tokenizer, adapter_dirs, linear_kernel=linear, lora_kernel=lora)
     assert (eng.lora_kernel.kernel is not None) == (lora is LoraKernel.NATIVE) or lora is LoraKernel.AUTO
     yield eng

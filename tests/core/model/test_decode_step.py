@@ -16,6 +16,7 @@ from loramux.core.model.kernel_choice import start_linear_kernels
 from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.linear_kernels import LinearKernel, onednn_works
+from loramux.core.model.native_linear import native_linear
 from loramux.core.model.ragged_attention import SEGMENTS_KWARG, use_ragged_attention
 from tests.conftest import build_base
 
@@ -63,8 +64,10 @@ def assert_identical(pairs) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("kernel", [LinearKernel.AUTO, LinearKernel.TORCH])
+@pytest.mark.parametrize("kernel", [LinearKernel.AUTO, LinearKernel.TORCH, LinearKernel.NATIVE])
 def test_the_step_gives_the_forwards_logits_bit_for_bit(arch, kernel) -> None:
+    if kernel is LinearKernel.NATIVE and isinstance(why := native_linear(), str):
+        pytest.skip(f"the native linear kernel cannot run here: {why}")
     model = prepared(arch, kernel)
     step = decode_step_for(model)
     assert step is not None

@@ -46,8 +46,9 @@ def test_each_shape_is_timed_once_and_its_layers_follow_the_table(monkeypatch):
     assert len(cells) == 2 * 2 * 3  # two distinct shapes (the first and last layers share one), 2 kernels, 3 counts
     first, second, last = model[0], model[2], model[4]
     assert all(type(m) is OneDnnLinear for m in (first, second, last))
-    assert first.onednn_rows == last.onednn_rows == ((1, True), (8, True), (64, False))
-    assert second.onednn_rows == ((1, False), (8, False), (64, False))
+    onednn, torch_gemm = LinearKernel.ONEDNN, LinearKernel.TORCH
+    assert first.kernel_rows == last.kernel_rows == ((1, onednn), (8, onednn), (64, torch_gemm))
+    assert second.kernel_rows == ((1, torch_gemm), (8, torch_gemm), (64, torch_gemm))
     assert first.packs and last.packs and not second.packs  # torch everywhere: no packed copy
     assert choice.summary == "onednn 2/6, torch 4/6"
     assert "48x32 float32 rows=8: onednn 1.000 ms, torch 2.000 ms -> onednn" in choice.describe()
@@ -84,7 +85,7 @@ def test_an_explicit_kernel_clears_the_auto_table():
     assert not model[2].packs
     use_linear_kernel(model, LinearKernel.TORCH)
     use_linear_kernel(model, LinearKernel.ONEDNN)
-    assert all(type(m) is OneDnnLinear and m.onednn_rows is None and m.packs for m in (model[0], model[2]))
+    assert all(type(m) is OneDnnLinear and m.kernel_rows is None and m.packs for m in (model[0], model[2]))
     with pytest.raises(ValueError, match="AUTO"):
         use_linear_kernel(model, LinearKernel.AUTO)
 
@@ -94,7 +95,7 @@ def test_onednn_straight_after_auto_runs_every_layer_on_onednn():
     timer, _ = fake_timer({32: 8, 48: 0})
     choose_kernels(model, rows=(1, 8), timer=timer)
     use_linear_kernel(model, LinearKernel.ONEDNN)  # no TORCH between: the layers are OneDnnLinear already
-    assert all(type(m) is OneDnnLinear and m.onednn_rows is None and m.packs for m in (model[0], model[2]))
+    assert all(type(m) is OneDnnLinear and m.kernel_rows is None and m.packs for m in (model[0], model[2]))
 
 
 def test_without_a_dtype_onednn_runs_auto_leaves_every_layer_on_torch(monkeypatch):
