@@ -42,13 +42,15 @@ class NativeLinear:
     @staticmethod
     def takes(x: Tensor, weight: Tensor) -> bool:
         """Whether the kernel runs ``F.linear(x, weight, ...)``: fp32 on CPU, a contiguous weight, a few rows."""
+        d_in = x.shape[-1] if x.dim() else 0
         return (
-            x.dtype == weight.dtype == torch.float32
-            and x.device.type == weight.device.type == "cpu"
+            x.dtype is torch.float32
+            and weight.dtype is torch.float32
+            and x.is_cpu
+            and weight.is_cpu
             and weight.is_contiguous()
-            and x.dim() >= 1
-            and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
-            and x.shape[-1] == weight.shape[1]
+            and d_in == weight.shape[1]
+            and 0 < x.numel() <= MAX_ROWS * d_in
         )
 
     # one loaded library per process, shared by every layer: copies are the same kernel, and a pickled layer
@@ -64,11 +66,17 @@ class NativeLinear:
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, weight, bias)`` for x (..., in) that ``takes`` accepts; (..., out)."""
-        rows, d_in, d_out = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
-        flat = x.reshape(rows, d_in)  # (N, in): a view wherever the rows are evenly spaced
-        if flat.stride(-1) != 1 or (rows > 1 and flat.stride(0) < d_in):
-            flat = flat.contiguous()
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        # a few microseconds of Python per call is a few percent of a decode step's 33 calls: kept lean
+        shape = x.shape
+        d_in, d_out = shape[-1], weight.shape[0]
+        rows = x.numel() // d_in
+        if x.is_contiguous():
+            flat = x.view(rows, d_in)  # (N, in)
+        else:
+            flat = x.reshape(rows, d_in)  # a view wherever the rows are evenly spaced
+            if flat.stride(-1) != 1 or (rows > 1 and flat.stride(0) < d_in):
+                flat = flat.contiguous()
+        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
             bias = bias.float().contiguous()
         y = torch.empty(rows, d_out, dtype=torch.float32)  # (N, out)
         self._fn(
@@ -83,7 +91,7 @@ class NativeLinear:
             d_out,
             torch.get_num_threads(),
         )
-        return y.view(*x.shape[:-1], d_out)
+        return y if len(shape) == 2 else y.view(*shape[:-1], d_out)
 
 
 def load_native_linear(*, cache_dir: Path | None = None) -> NativeLinear:
