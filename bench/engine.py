@@ -346,9 +346,11 @@ def report_roofline(
     print("== weights read per decode step, and how fast this machine streams them (bench/roofline.py)")
     print(f"base linears {base_mb:.0f} MB; one adapter {adapter_mb:.1f} MB ({100 * adapter_mb / base_mb:.1f}% of base)")
     print(f"  8 rows on 8 distinct adapters: +{8 * adapter_mb:.0f} MB; 64 rows on 64: +{64 * adapter_mb:.0f} MB")
+    native = f", native {rates['native']:.0f}" if "native" in rates else ""
     print(
-        f"DRAM read rate: plain sum {rates['sum']:.0f} GB/s, oneDNN GEMM (8 rows) {rates['gemm']:.0f} GB/s, "
-        f"LoRA gather-bmm {rates['lora8']:.0f} GB/s at 8 rows, {rates['lora64']:.0f} GB/s at 64 rows"
+        f"DRAM read rate: plain sum {rates['sum']:.0f} GB/s, GEMM at 8 rows: oneDNN {rates['gemm']:.0f}, "
+        f"MKL {rates['mkl']:.0f}{native} GB/s; LoRA gather-bmm {rates['lora8']:.0f} GB/s at 8 rows, "
+        f"{rates['lora64']:.0f} GB/s at 64 rows"
     )
     bounds = [
         ("8 distinct vs no adapters", tput["engine no adapters"], rates["lora8"], 0.85),

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from loramux.core.model.linear_kernels import OneDnnLinear
+from loramux.core.model.native_linear import native_linear
 
 WORKING_SET = 256 * 2**20  # bytes cycled through per measurement: 8x the L3 cache
 ROWS, RANK = 8, 16
@@ -47,8 +49,10 @@ def _rate(step: Callable[[int], object], bytes_per_call: int, calls: int) -> flo
 
 
 def stream_rates() -> dict[str, float]:
-    """GB/s: "sum" (DRAM ceiling), "gemm" (oneDNN linear, 8 rows x 512->1376), and "lora8" / "lora64" (per-row
-    A/B bmm at 8 and 64 rows: larger stacks stream faster, so each case is bounded at its own batch size)."""
+    """GB/s: "sum" (DRAM ceiling), "gemm" (oneDNN linear, 8 rows x 512->1376), "mkl" (torch's F.linear, the
+    same), "native" (the native linear kernel, the same; absent where it cannot run), and "lora8" / "lora64"
+    (per-row A/B bmm at 8 and 64 rows: larger stacks stream faster, so each case is bounded at its own batch
+    size)."""
     big = torch.randn(WORKING_SET // 4)
     layers = [OneDnnLinear(512, 1376, bias=False) for _ in range(WORKING_SET // (1376 * 512 * 4))]
     x = torch.randn(ROWS, 512)
@@ -56,11 +60,16 @@ def stream_rates() -> dict[str, float]:
     def gemm(i: int) -> object:
         return layers[i](x)
 
+    native = native_linear()
+
     with torch.no_grad():
         rates = {
             "sum": _rate(lambda _: big.sum(), big.numel() * 4, 1),
             "gemm": _rate(gemm, 1376 * 512 * 4, len(layers)),
+            "mkl": _rate(lambda i: F.linear(x, layers[i].weight), 1376 * 512 * 4, len(layers)),
         }
+        if not isinstance(native, str):
+            rates["native"] = _rate(lambda i: native(x, layers[i].weight, None), 1376 * 512 * 4, len(layers))
         for rows in (8, 64):
             rates[f"lora{rows}"] = _lora_rate(rows)
     return rates
