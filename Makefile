@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-all soak lint bench bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix proto proto-lint proto-check run clean
 .PHONY: bench-cluster bench-grpc-edge
-.PHONY: bench-peers bench-bf16
+.PHONY: bench-peers bench-bf16 bench-linear
 .PHONY: node-deps
 .PHONY: demo demo-assets
 
@@ -60,7 +60,7 @@ lint: $(STAMP)
 	for link in $(LINT_LINKS); do ln -s $(CURDIR)/$${link#*:} $(LINT_TREE)/$${link%%:*}; done
 	cd build/lint && ../../$(PY) -m mypy --config-file ../../pyproject.toml loramux
 
-bench: bench-adapters bench-routing bench-engine bench-long-prompt bench-scale bench-prefix bench-cluster bench-grpc-edge
+bench: bench-adapters bench-routing bench-linear bench-engine bench-long-prompt bench-scale bench-prefix bench-cluster bench-grpc-edge
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine
@@ -100,6 +100,9 @@ bench-adapters: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(PY) -m bench.lora_routing
+
+bench-linear: $(STAMP)
+	$(PY) -m bench.linear_kernels
 
 # The gRPC server: `make run` serves the embedded demo model; flags go in ARGS, for example
 # make run ARGS="--model ./my-model --adapter math=./adapters/math --port 50051".
