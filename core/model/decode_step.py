@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 LAYER_CLASSES: Final = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
 MLP_CLASSES: Final = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})  # forward: down(act(gate(x)) * up(x))
 QKV, GATE_UP = SIBLINGS
+RMS_NORMS: Final = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})  # weight * x / rms(x), fp32
 ATTENTION: Final = frozenset({"sdpa", RAGGED})  # the mask below is SDPA's: a boolean (N, 1, 1, S), or none
 
 
@@ -74,6 +76,7 @@ class LlamaDecodeStep:
         self.mlp_names = [
             (f"model.layers.{i}.mlp", *(f"model.layers.{i}.mlp.{n}" for n in GATE_UP)) for i in range(count)
         ]
+        self.norm_op = _rms_norm_op_matches(self.inner.norm)
 
     def covers(self, routes: Mapping[str, Any]) -> bool:
         """Whether a plan with these routes runs here (no route on a module whose forward this step skips)."""
@@ -103,14 +106,21 @@ class LlamaDecodeStep:
         for i, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
             layer = _base(layer)
             attn = _base(layer.self_attn)
-            h = layer.input_layernorm(x)  # (N, 1, d)
+            h = self._norm(layer.input_layernorm, x)  # (N, 1, d)
             q, k, v = self._qkv(attn, h, cos, sin, fused=not any(n in routes for n in self.qkv_names[i]))
             k, v = cache.update(k, v, attn.layer_idx)  # (N, Hkv, S, D)
             o, _ = attention(attn, q, k, v, attend, dropout=0.0, scaling=attn.scaling, **extra)  # (N, 1, H, D)
             x = x + attn.o_proj(o.reshape(rows, 1, -1).contiguous())
-            h = layer.post_attention_layernorm(x)
+            h = self._norm(layer.post_attention_layernorm, x)
             x = x + self._mlp(layer.mlp, h, fused=not any(n in routes for n in self.mlp_names[i]))
-        return self.model.lm_head(inner.norm(x))[:, -1, :]
+        return self.model.lm_head(self._norm(inner.norm, x))[:, -1, :]
+
+    def _norm(self, norm: Any, x: Tensor) -> Tensor:
+        """norm(x); an RMSNorm (unwrapped: no route on it) as torch's one rms_norm op where that computed the
+        module's output bit for bit at start (``norm_op``): 18 against 26 us a call, 17 calls a step."""
+        if self.norm_op and type(norm).__name__ in RMS_NORMS:
+            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+        return norm(x)
 
     def _qkv(self, attn: Any, h: Tensor, cos: Tensor, sin: Tensor, *, fused: bool) -> tuple[Tensor, ...]:
         """Rotated q (N, H, 1, D), k (N, Hkv, 1, D) and v. Unrouted fused q/k/v: views of the one GEMM's output,
@@ -138,6 +148,17 @@ class LlamaDecodeStep:
         y = group.layer(h)  # (N, 1, 2 I)
         gate = group.sizes[0]
         return mlp.down_proj(mlp.act_fn(y[..., :gate]) * y[..., gate:])
+
+
+def _rms_norm_op_matches(norm: Any) -> bool:
+    """Whether F.rms_norm gives this RMSNorm module's output bit for bit (rows of several magnitudes)."""
+    if type(norm).__name__ not in RMS_NORMS or not hasattr(norm, "variance_epsilon"):
+        return False
+    weight = norm.weight
+    x = torch.randn(5, 1, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+    x = x * torch.tensor([1e-3, 1.0, 30.0, 1.0, 0.1]).view(5, 1, 1).to(weight)
+    with torch.no_grad():
+        return torch.equal(F.rms_norm(x, (x.shape[-1],), weight, norm.variance_epsilon), norm(x))
 
 
 def _fused_group(parent: Any, names: tuple[str, ...], h: Tensor) -> FusedSiblings | None:
