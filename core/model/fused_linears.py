@@ -27,7 +27,7 @@ from typing import Final
 import torch
 from torch import Tensor, nn
 
-from loramux.core.model.linear_kernels import FUSED
+from loramux.core.model.linear_kernels import FUSED, by_rows
 
 SIBLINGS: Final = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -92,12 +92,7 @@ class FusedSiblings:
     def fused_at(self, rows: int) -> bool:
         """Whether calls of ``rows`` rows run as the group's GEMM (``fused_rows``: measured; default yes)."""
         table = self.fused_rows
-        if table is None:
-            return True
-        for measured, faster in table:
-            if rows <= measured:
-                return faster
-        return table[-1][1]
+        return True if table is None else by_rows(table, rows)
 
     def _intact(self) -> bool:
         # each member's weight still the view made here (not replaced by .to(), assign=True loading, ...)

@@ -97,6 +97,10 @@ class KernelChoice:
     timings: tuple[KernelTiming, ...]
     native_unavailable: str | None = None  # why the native kernel was not timed, where it was not
 
+    def at(self, shape: Shape, rows: int) -> KernelTiming:
+        """The timing of ``shape`` at ``rows`` (one of the timed counts)."""
+        return next(t for t in self.timings if _timing_shape(t) == shape and t.rows == rows)
+
     def kernel_rows(self, shape: Shape) -> tuple[tuple[int, LinearKernel], ...]:
         """(rows, fastest kernel) for ``shape``, by rows."""
         return tuple((t.rows, t.fastest) for t in self.timings if (t.out_features, t.in_features, t.dtype) == shape)
@@ -207,12 +211,11 @@ def choose_kernels(
         module.kernel_rows = table
         if not any(k is LinearKernel.ONEDNN for _, k in table):
             module.drop_packed()
-    best = {(_timing_shape(t), t.rows): t for t in choice.timings}
     for group in groups:
         group.fused_rows = _fused_rows(choice, group)
         for member in group.members:  # unfused, a member has no packed copy: it runs torch's GEMM or native
             assert isinstance(member, OneDnnLinear)
-            member.kernel_rows = tuple((n, best[_shape(member), n].unpacked) for n, _ in group.fused_rows)
+            member.kernel_rows = tuple((n, choice.at(_shape(member), n).unpacked) for n, _ in group.fused_rows)
     log.info("linear kernel auto: %s\n%s", choice.summary, choice.describe())
     if groups:
         log.info("q/k/v and gate/up as one GEMM at rows: %s", groups[0].fused_rows)
@@ -231,11 +234,10 @@ def _fused_rows(choice: KernelChoice, group: FusedSiblings) -> tuple[tuple[int, 
     """(rows, fuse) by rows: one GEMM, on its fastest kernel, plus handing out the members' slices, where that
     took at most FUSED_MARGIN of the members' own GEMMs (on the faster of torch's and native, as unfused
     members run: see fuse_onednn_siblings)."""
-    best = {(_timing_shape(t), t.rows): t for t in choice.timings}
     table = []
     for n in sorted({t.rows for t in choice.timings}):
-        fused = best[_shape(group.layer), n]
-        separate = sum(best[_shape(m), n].seconds()[best[_shape(m), n].unpacked] for m in group.members)
+        fused = choice.at(_shape(group.layer), n)
+        separate = sum(t.seconds()[t.unpacked] for t in (choice.at(_shape(m), n) for m in group.members))
         fused_s = min(fused.seconds().values()) + _slicing_s(group, n)
         table.append((n, fused_s <= FUSED_MARGIN * separate))
     return tuple(table)

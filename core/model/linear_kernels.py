@@ -28,7 +28,7 @@ import enum
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from loramux.core.model.native_linear import MAX_ROWS, NativeLinear, native_line
 from loramux.core.native import NativeKernelUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FUSED: Final = "_loramux_fused"  # a member layer's __dict__ key of its fused_linears.FusedSiblings
 
@@ -58,6 +59,15 @@ _PACK_ROWS_HINT: Final = 32
 _PACKED: Final = "_onednn_packed"  # the __dict__ key of (weight key, packed weight)
 # --linear-kernel native: the native kernel where it takes the rows, torch's GEMM beyond
 NATIVE_ROWS: Final = ((MAX_ROWS, LinearKernel.NATIVE), (MAX_ROWS + 1, LinearKernel.TORCH))
+
+
+def by_rows(table: Sequence[tuple[int, T]], rows: int) -> T:
+    """The value of a by-rows table (measured rows ascending) for a call of ``rows``: the first entry with
+    rows >= ``rows``, the last beyond."""
+    for measured, value in table:
+        if rows <= measured:
+            return value
+    return table[-1][1]
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -104,12 +114,7 @@ class OneDnnLinear(nn.Linear):
     def kernel_at(self, rows: int) -> LinearKernel:
         """The kernel a call of ``rows`` rows runs on (where it can: else torch's)."""
         table = self.kernel_rows
-        if table is None:
-            return LinearKernel.ONEDNN
-        for measured, kernel in table:
-            if rows <= measured:
-                return kernel
-        return table[-1][1]
+        return LinearKernel.ONEDNN if table is None else by_rows(table, rows)
 
     def drop_packed(self) -> None:
         """This layer never runs oneDNN (auto found another kernel faster at every row count): no packed copy."""
