@@ -8,7 +8,7 @@ The per-row math is the hot path of every decode step. bench/lora_routing.py mea
 loop over adapters (PEFT's mixed batch) and one wide masked matmul over stacked adapters; gather-bmm won in
 every case measured (BENCHMARKS.md) where rows use distinct adapters; three routes remain:
 - ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
-- ``GatheredLinear``: per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
+- ``GatheredLinear`` (gathered.py): per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
   compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
   baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
 - ``GroupedLinear`` (grouped.py): rows share adapters: each distinct adapter's weights read once per step.
@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loramux.core.lora.gathered import GatheredLinear
 from loramux.core.lora.grouped import GroupedLinear, prefers_grouped
-from loramux.core.lora.route import Route
+from loramux.core.lora.route import Route, add_delta, decode_input, move_rows
 from loramux.core.lora.segmented import SegmentedLinear
-from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora, common_dtype, padded_rank
-from loramux.core.lora.workspace import Buffers, RoutingWorkspace
+from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora, common_dtype
+from loramux.core.lora.workspace import RoutingWorkspace
 
 
 @dataclass(frozen=True)
@@ -78,24 +79,6 @@ def swap_remove(n: int, removed: set[int]) -> tuple[list[int], list[tuple[int, i
     return order, moves
 
 
-def _move_rows(t: Tensor, moves: Sequence[tuple[int, int]], rows: int) -> Tensor:
-    """t (N, ...): copy rows src -> dst (src >= rows > dst, so no overlap), keep the first rows (a view). One
-    plain copy per moved row: an indexed assignment cost 0.23 ms per module at a move or two (bench-scale's
-    rows leave a few at a time), 15x the copies."""
-    if moves:
-        with torch.no_grad():
-            for dst, src in moves:
-                t[dst].copy_(t[src])
-    return t[:rows]
-
-
-def _stack_into(dst: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-    """dst (k, ...) = stack(tensors), with no temporary unless autograd must see it (trainable adapters)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return dst.copy_(torch.stack(list(tensors)))
-    return torch.stack(list(tensors), out=dst)
-
-
 _CURRENT_PLAN: ContextVar[RoutingPlan | None] = ContextVar("loramux_routing_plan", default=None)
 
 
@@ -111,137 +94,32 @@ def use_plan(plan: RoutingPlan) -> Iterator[RoutingPlan]:
         _CURRENT_PLAN.reset(token)
 
 
-def _add_delta(out: Tensor, delta: Tensor) -> Tensor:
-    """PEFT: the delta is computed in the LoRA dtype, added (promoted), then cast once to the base dtype."""
-    return (out + delta).to(out.dtype)
-
-
 class UniformLinear(Route):
     def __init__(self, lora: LinearLora) -> None:
         self.At = lora.At  # (in, r)
         self.Bt = lora.Bt * lora.scaling  # (r, out), scaling folded in
         self.bias = lora.bias * lora.scaling if lora.bias is not None else None
 
+    def adds_into(self, x: Tensor) -> bool:
+        return self.bias is None and decode_input(x, self.At.dtype)
+
+    def add_into(self, x: Tensor, out: Tensor) -> None:
+        h = torch.matmul(x, self.At)  # (N, 1, r)
+        out.addmm_(h.view(h.shape[0], -1), self.Bt)  # out + h @ Bt, in place, a strided slice too
+
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (..., out)
+        if self.adds_into(x) and out.dtype is x.dtype and out.is_contiguous():
+            self.add_into(x, out.view(out.shape[0], -1))  # in place into the fresh base output
+            return out
         h = torch.matmul(x.to(self.At.dtype), self.At)  # (..., r)
         if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
             out2, h2 = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
             if out.requires_grad or not out.is_contiguous():
                 return torch.addmm(out2, h2, self.Bt).view(out.shape)
-            out2.addmm_(h2, self.Bt)  # in place into the fresh base output, as GatheredLinear
+            out2.addmm_(h2, self.Bt)  # in place into the fresh base output
             return out
-        return _add_delta(out, F.linear(h, self.Bt.T, self.bias))
-
-
-class GatheredLinear(Route):
-    """Rows without this module's LoRA get zero weights, which adds exactly 0.
-
-    The stacks live in buffers with spare capacity (doubling), so rows join by writing their own slices and
-    leave by moving the last rows into their places: neither copies the other rows.
-    """
-
-    def __init__(
-        self, row_loras: Sequence[LinearLora | None], *, workspace: RoutingWorkspace | None = None, name: str = ""
-    ) -> None:
-        present = [lo for lo in row_loras if lo is not None]
-        self.r_max = max(lo.rank for lo in present)
-        self.dtype = common_dtype([lo.At for lo in present])
-        self.has_bias = any(lo.bias is not None for lo in present)
-        self.n = 0
-        ref = present[0]
-        self._zero = LinearLora(
-            ref.At.new_zeros(ref.At.shape[0], self.r_max, dtype=self.dtype),
-            ref.Bt.new_zeros(self.r_max, ref.Bt.shape[1], dtype=self.dtype),
-            None,
-            0.0,
-        )
-        self._workspace, self._name = workspace, name  # where its buffers come from and go back to, if any
-        in_features, out_features = ref.At.shape[0], ref.Bt.shape[1]
-        self._like: Buffers = (  # empty templates: the buffers' shapes past the row dimension, and dtype
-            self._zero.At.new_empty(0, in_features, self.r_max),
-            self._zero.Bt.new_empty(0, self.r_max, out_features),
-            self._zero.Bt.new_empty(0, 1, out_features) if self.has_bias else None,
-        )
-        self._bufs: Buffers | None = None
-        self.append(row_loras)
-
-    def can_append(self, row_loras: Sequence[LinearLora | None]) -> bool:
-        present = [lo for lo in row_loras if lo is not None]
-        return all(
-            lo.rank <= self.r_max and lo.At.dtype == self.dtype and (lo.bias is None or self.has_bias) for lo in present
-        )
-
-    def append(self, row_loras: Sequence[LinearLora | None]) -> None:
-        """Rows join at the end (callers check can_append first), written straight into the buffers."""
-        rows = [padded_rank(lo, self.r_max, self.dtype) if lo is not None else self._zero for lo in row_loras]
-        k, n = len(rows), self.n
-        self._reserve(n + k)
-        assert self._bufs is not None
-        at, bt, bias = self._bufs
-        scaling = torch.tensor([lo.scaling for lo in rows], dtype=self.dtype, device=self._zero.At.device)  # (k,)
-        # (k, in, r) and (k, r, out), LinearLora's own layout: plain copies, and contiguous bmm operands
-        # (measured faster than transposed views)
-        _stack_into(at[n : n + k], [lo.At for lo in rows])  # (k, in, r_max)
-        _stack_into(bt[n : n + k], [lo.Bt for lo in rows]).mul_(scaling[:, None, None])  # (k, r_max, out)
-        if bias is not None:
-            no_bias = self._zero.Bt.new_zeros(self._zero.Bt.shape[1])
-            biases = [lo.bias if lo.bias is not None else no_bias for lo in rows]
-            bias[n : n + k] = (torch.stack(biases).to(self.dtype) * scaling[:, None]).unsqueeze(1)  # (k, 1, out)
-        self.n += k
-        self._refresh_views()
-
-    def release(self) -> None:
-        """The plan holding this route is dropped: its buffers go back to the workspace (it is not used again)."""
-        if self._workspace is not None and self._bufs is not None:
-            self._workspace.give(self._name, self._bufs)
-        self._bufs = None
-
-    def _reserve(self, rows: int) -> None:
-        capacity = 0 if self._bufs is None else self._bufs[0].shape[0]
-        if rows <= capacity:
-            return
-        like = self._like
-        if self._workspace is not None:
-            grown = self._workspace.take(self._name, like, rows=rows)
-        else:  # a new plan (a prefill's) gets exactly its rows; joins then double, so they seldom regrow
-            capacity = rows if self._bufs is None else max(1 << (rows - 1).bit_length(), 2 * capacity)
-            grown = tuple(t.new_empty(capacity, *t.shape[1:]) if t is not None else None for t in like)  # type: ignore[assignment]
-        if self._bufs is not None:
-            for old, buf in zip(self._bufs, grown, strict=True):
-                if old is not None and buf is not None:
-                    buf[: self.n] = old[: self.n]
-        self._bufs = grown
-
-    def _refresh_views(self) -> None:
-        assert self._bufs is not None
-        at, bt, bias = self._bufs
-        self.At, self.Bt = at[: self.n], bt[: self.n]  # (N, in, r_max), (N, r_max, out)
-        self.bias = bias[: self.n] if bias is not None else None  # (N, 1, out)
-
-    def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
-        assert self._bufs is not None
-        for buf in self._bufs:
-            if buf is not None:
-                _move_rows(buf, moves, rows)
-        self.n = rows
-        self._refresh_views()
-
-    def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        out = base_layer(x, *args, **kwargs)
-        if x.dim() == 3 and out.dim() == 3 and x.dtype is out.dtype is self.At.dtype and self.bias is None:
-            h = torch.bmm(x, self.At)  # the hot path: (N, T, r_max), no reshapes
-            if out.requires_grad:
-                return torch.baddbmm(out, h, self.Bt)
-            # in place into the base output (a fresh tensor): not allocating another (N, T, out) made the
-            # expand of 56 modules at 8 decode rows 0.35 ms instead of 0.46 ms
-            return out.baddbmm_(h, self.Bt)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (N, T, in)
-        h = torch.bmm(x3, self.At)  # (N, T, r_max)
-        if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
-            return torch.baddbmm(out.reshape(h.shape[0], h.shape[1], -1), h, self.Bt).view(out.shape)
-        delta = torch.bmm(h, self.Bt) if self.bias is None else torch.baddbmm(self.bias, h, self.Bt)
-        return _add_delta(out, delta.reshape(*out.shape))
+        return add_delta(out, F.linear(h, self.Bt.T, self.bias))
 
 
 class RoutedEmbedding(Route):
@@ -269,7 +147,7 @@ class RoutedEmbedding(Route):
         )  # (N, r_max, d)
 
     def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
-        self.row_slot, self.Bt = _move_rows(self.row_slot, moves, rows), _move_rows(self.Bt, moves, rows)
+        self.row_slot, self.Bt = move_rows(self.row_slot, moves, rows), move_rows(self.Bt, moves, rows)
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (N, T, d)
@@ -279,7 +157,7 @@ class RoutedEmbedding(Route):
         embed_scale = getattr(base_layer, "embed_scale", None)
         if isinstance(embed_scale, Tensor | float):
             delta = delta * embed_scale
-        return _add_delta(out, delta)
+        return add_delta(out, delta)
 
 
 class SavedModules(Route):
@@ -332,18 +210,21 @@ def linear_route(
     row_loras: Sequence[LinearLora | None], *, workspace: RoutingWorkspace | None = None, name: str = ""
 ) -> Route:
     """Uniform when one adapter covers every row; grouped by adapter when rows share adapters (each read once
-    per step); else gather-bmm over per-row stacks (fastest for distinct adapters, bench/lora_routing.py)."""
+    per step) or the workspace holds the native kernel; else gather-bmm over per-row stacks (fastest of
+    torch's ops for distinct adapters, bench/lora_routing.py)."""
     first = row_loras[0]
     if first is not None and all(lo is first for lo in row_loras):
         return UniformLinear(first)
-    if prefers_grouped(row_loras):  # the decode plan's workspace may hold the native kernel (grouped.py)
-        return GroupedLinear(row_loras, kernel=workspace.grouped_kernel if workspace is not None else None)
+    kernel = workspace.grouped_kernel if workspace is not None else None  # a decode plan's (grouped.py)
+    if prefers_grouped(row_loras, native=kernel is not None):
+        return GroupedLinear(row_loras, kernel=kernel)
     return GatheredLinear(row_loras, workspace=workspace, name=name)
 
 
-def _keeps(route: Route, row_loras: Sequence[LinearLora | None]) -> bool:
+def _keeps(route: Route, row_loras: Sequence[LinearLora | None], workspace: RoutingWorkspace | None) -> bool:
     """Is ``route`` (gathered or grouped) still the kind linear_route would pick for these rows?"""
-    return isinstance(route, GroupedLinear) == prefers_grouped(row_loras)
+    native = workspace is not None and workspace.grouped_kernel is not None
+    return isinstance(route, GroupedLinear) == prefers_grouped(row_loras, native=native)
 
 
 def build_plan(
@@ -368,7 +249,11 @@ def build_plan(
         old = (reuse or {}).get(name)
         added = [a.linear.get(name) if a is not None else None for a in new_rows]
         combined = [a.linear.get(name) if a is not None else None for a in rows]
-        if isinstance(old, GatheredLinear | GroupedLinear) and old.can_append(added) and _keeps(old, combined):
+        if (
+            isinstance(old, GatheredLinear | GroupedLinear)
+            and old.can_append(added)
+            and _keeps(old, combined, workspace)
+        ):
             old.append(added)
             routes[name] = old
             continue

@@ -14,6 +14,12 @@ one row 1.11x; BENCHMARKS.md). ``decode_step_for`` checks the structure, then ru
 runs, every fused group forced to one GEMM) that must give exactly the forward's logits; anything else keeps the
 forward.
 
+A fused group with routes on its members still runs as its one GEMM when each route adds its delta into a
+column slice of the output (``Route.adds_into``: a single adapter, and the native grouped kernel, whose rows
+take a row stride), so the step takes views as without adapters and skips the members' module calls and
+copied slices (8 rows on 8 distinct adapters, engine, Intel Xeon: 616 against 545 tok/s; BENCHMARKS
+"Session 23"). Routes that do not (torch's gathered stacks or grouped ops) run through the members' calls.
+
 A routing plan with a route on a module the step does not call (a decoder layer, its attention or the model
 itself as ``modules_to_save``) makes the step fall back to the forward: ``covers``.
 """
@@ -71,11 +77,14 @@ class LlamaDecodeStep:
             | {f"model.layers.{i}" for i in range(count)}
             | {f"model.layers.{i}.self_attn" for i in range(count)}
         )
-        # per layer, the modules the fused paths skip calling: a route on one of them needs the module's call
+        # per layer, the modules whose routes the step looks up: a fused group runs as one GEMM where each of
+        # its members' routes adds into its columns (Route.adds_into), else the members' own calls
         self.qkv_names = [tuple(f"model.layers.{i}.self_attn.{n}" for n in QKV) for i in range(count)]
         self.mlp_names = [
-            (f"model.layers.{i}.mlp", *(f"model.layers.{i}.mlp.{n}" for n in GATE_UP)) for i in range(count)
+            (f"model.layers.{i}.mlp", *(f"model.layers.{i}.mlp.{n}" for n in (*GATE_UP, "down_proj")))
+            for i in range(count)
         ]
+        self.o_names = [f"model.layers.{i}.self_attn.o_proj" for i in range(count)]
         self.norm_op = _rms_norm_op_matches(self.inner.norm)
 
     def covers(self, routes: Mapping[str, Any]) -> bool:
@@ -107,12 +116,13 @@ class LlamaDecodeStep:
             layer = _base(layer)
             attn = _base(layer.self_attn)
             h = self._norm(layer.input_layernorm, x)  # (N, 1, d)
-            q, k, v = self._qkv(attn, h, cos, sin, fused=not any(n in routes for n in self.qkv_names[i]))
+            qkv, o_name, mlp_names = self.qkv_names[i], self.o_names[i], self.mlp_names[i]
+            q, k, v = self._qkv(attn, h, cos, sin, [routes.get(n) for n in qkv])
             k, v = cache.update(k, v, attn.layer_idx)  # (N, Hkv, S, D)
             o, _ = attention(attn, q, k, v, attend, dropout=0.0, scaling=attn.scaling, **extra)  # (N, 1, H, D)
-            x = x + attn.o_proj(o.reshape(rows, 1, -1).contiguous())
+            x = x + _linear(attn.o_proj, routes.get(o_name), o.reshape(rows, 1, -1).contiguous())
             h = self._norm(layer.post_attention_layernorm, x)
-            x = x + self._mlp(layer.mlp, h, fused=not any(n in routes for n in self.mlp_names[i]))
+            x = x + self._mlp(layer.mlp, h, [routes.get(n) for n in mlp_names])
         return self.model.lm_head(self._norm(inner.norm, x))[:, -1, :]
 
     def _norm(self, norm: Any, x: Tensor) -> Tensor:
@@ -122,32 +132,56 @@ class LlamaDecodeStep:
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
         return norm(x)
 
-    def _qkv(self, attn: Any, h: Tensor, cos: Tensor, sin: Tensor, *, fused: bool) -> tuple[Tensor, ...]:
-        """Rotated q (N, H, 1, D), k (N, Hkv, 1, D) and v. Unrouted fused q/k/v: views of the one GEMM's output,
-        q and k rotated together (elementwise, so each value is what rotating each alone gives)."""
+    def _qkv(self, attn: Any, h: Tensor, cos: Tensor, sin: Tensor, routes: list[Any]) -> tuple[Tensor, ...]:
+        """Rotated q (N, H, 1, D), k (N, Hkv, 1, D) and v; routes: q's, k's and v's (None: unrouted). Fused
+        q/k/v: views of the one GEMM's output (each route's delta added into its columns), q and k rotated
+        together (elementwise, so each value is what rotating each alone gives)."""
         rows, (heads, kv_heads), dim = h.shape[0], self.heads, attn.head_dim
-        group = _fused_group(attn, QKV, h) if fused else None
+        group = _fused_group(attn, QKV, h, routes)
         if group is None:
             shape = (rows, 1, -1, dim)
             q = attn.q_proj(h).view(shape).transpose(1, 2)
             k = attn.k_proj(h).view(shape).transpose(1, 2)
             v = attn.v_proj(h).view(shape).transpose(1, 2)
             return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin), v
-        y = group.layer(h)  # (N, 1, (H + 2 Hkv) D)
+        y = _routed_gemm(group, h, routes)  # (N, 1, (H + 2 Hkv) D)
         split = (heads + kv_heads) * dim
         qk = y[..., :split].view(rows, 1, heads + kv_heads, dim).transpose(1, 2)  # (N, H + Hkv, 1, D)
         qk = (qk * cos) + (_rotate_half(qk) * sin)
         return qk[:, :heads], qk[:, heads:], y[..., split:].view(rows, 1, kv_heads, dim).transpose(1, 2)
 
-    def _mlp(self, mlp: Any, h: Tensor, *, fused: bool) -> Tensor:
+    def _mlp(self, mlp: Any, h: Tensor, routes: list[Any]) -> Tensor:
         """The MLP's output (N, 1, d): down(act(gate(h)) * up(h)), gate and up as views of one GEMM's output
-        when they are fused and unrouted."""
-        group = _fused_group(mlp, GATE_UP, h) if fused and type(mlp).__name__ in MLP_CLASSES else None
+        when they are fused (each route's delta added into its columns); routes: the MLP's own (a saved copy
+        of it: its module runs), gate's, up's and down's."""
+        own, gate_up, down = routes[0], routes[1:3], routes[3]
+        group = _fused_group(mlp, GATE_UP, h, gate_up) if own is None and type(mlp).__name__ in MLP_CLASSES else None
         if group is None:
             return mlp(h)
-        y = group.layer(h)  # (N, 1, 2 I)
+        y = _routed_gemm(group, h, gate_up)  # (N, 1, 2 I)
         gate = group.sizes[0]
-        return mlp.down_proj(mlp.act_fn(y[..., :gate]) * y[..., gate:])
+        return _linear(mlp.down_proj, down, mlp.act_fn(y[..., :gate]) * y[..., gate:])
+
+
+def _linear(module: Any, route: Any, x: Tensor) -> Tensor:
+    """module(x) (N, 1, out); a route that adds into its base output runs here, without the module's call."""
+    if route is None or not route.adds_into(x):
+        return module(x)
+    out = _base(module)(x)
+    route.add_into(x, out.view(out.shape[0], -1))  # a linear's fresh (N, 1, out) output
+    return out
+
+
+def _routed_gemm(group: FusedSiblings, h: Tensor, routes: list[Any]) -> Tensor:
+    """The group's one GEMM over h with each member's route (if any) added into that member's columns."""
+    y = group.layer(h)  # (N, 1, sum out)
+    flat = y.view(y.shape[0], -1)
+    start = 0
+    for size, route in zip(group.sizes, routes, strict=True):
+        if route is not None:
+            route.add_into(h, flat[:, start : start + size])
+        start += size
+    return y
 
 
 def _rms_norm_op_matches(norm: Any) -> bool:
@@ -161,11 +195,14 @@ def _rms_norm_op_matches(norm: Any) -> bool:
         return torch.equal(F.rms_norm(x, (x.shape[-1],), weight, norm.variance_epsilon), norm(x))
 
 
-def _fused_group(parent: Any, names: tuple[str, ...], h: Tensor) -> FusedSiblings | None:
-    """The FusedSiblings of parent's ``names`` (in that order) when it runs as one GEMM at h's rows, else None."""
+def _fused_group(parent: Any, names: tuple[str, ...], h: Tensor, routes: list[Any]) -> FusedSiblings | None:
+    """The FusedSiblings of parent's ``names`` (in that order) when it runs as one GEMM at h's rows and each
+    member's route (if any) adds into a column slice of its output, else None."""
     members = [_base(getattr(parent, name)) for name in names]
     group = members[0].__dict__.get(FUSED)
     if group is None or group.members != members or not group.usable_at(h.numel() // h.shape[-1]):
+        return None
+    if not all(route is None or route.adds_into(h) for route in routes):
         return None
     return group
 

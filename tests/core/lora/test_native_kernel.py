@@ -153,9 +153,14 @@ def test_the_decode_plan_takes_the_kernel_from_its_workspace(kernel):
     without = linear_route([a, b, a, b], workspace=RoutingWorkspace(rows=4))
     assert isinstance(with_kernel, GroupedLinear) and with_kernel.native
     assert isinstance(without, GroupedLinear) and not without.native
-    # distinct adapters stay on the gathered route: the kernel streamed them no faster (BENCHMARKS)
-    assert isinstance(linear_route([a, b, c, d], workspace=native), GatheredLinear)
+    # distinct adapters too, in one-row segments (the decode step adds them into its fused GEMMs' columns);
+    # without the kernel they stay on the gathered route's stacks
+    distinct = linear_route([a, b, c, d], workspace=native)
+    assert isinstance(distinct, GroupedLinear) and distinct.native
+    assert isinstance(linear_route([a, b, c, d], workspace=RoutingWorkspace(rows=4)), GatheredLinear)
     assert isinstance(linear_route([a, a, a], workspace=native), UniformLinear)
+    wide = lora(4, 65)  # a rank the kernel does not take: gathered, as without it
+    assert isinstance(linear_route([a, b, wide], workspace=native), GatheredLinear)
 
 
 def test_the_build_is_cached_per_machine_and_reused(tmp_path, monkeypatch):

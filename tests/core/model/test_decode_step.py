@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 
 import pytest
 import torch
 
 from loramux.core import AdapterManager
+from loramux.core.lora.grouped import GroupedLinear
+from loramux.core.lora.native_kernel import load_grouped_kernel
+from loramux.core.lora.routing import UniformLinear, build_plan, use_plan
+from loramux.core.lora.workspace import RoutingWorkspace
 from loramux.core.model.decode_step import decode_step_for
-from loramux.core.model.fused_linears import fused_groups
+from loramux.core.model.fused_linears import FusedSiblings, fused_groups
 from loramux.core.model.kernel_choice import start_linear_kernels
 from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.kv_cache import GrowableCache
@@ -159,3 +164,49 @@ def test_a_step_that_would_differ_from_the_forward_is_refused(monkeypatch, caplo
     )
     assert decode_step_for(copy.deepcopy(model)) is None
     assert "logits differ from the forward's" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [["a", "a", "a"], ["a", None, "a"], ["a", None, "b"]],
+    ids=["uniform", "grouped", "distinct"],
+)
+def test_routes_that_add_into_columns_keep_the_fused_gemms(rows, make_adapter, monkeypatch) -> None:
+    """A decode plan with the native kernel: every route on q/k/v and gate/up adds into its columns of the one
+    GEMM's output (no member's own call, no copied slices), and the logits stay the forward's bit for bit."""
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler (gcc/cc) to build the grouped LoRA kernel")
+    model = prepared("llama", LinearKernel.ONEDNN if onednn_works() else LinearKernel.TORCH)
+    groups = fused_groups(model)
+    if not groups:
+        pytest.skip("no fused sibling groups on this machine's linear kernel")
+    manager = AdapterManager(model)
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, seed in (("a", 1), ("b", 2)):
+        manager.load_adapter(str(make_adapter("llama", name, seed=seed, target_modules=every)), name)
+    for group in groups:
+        group.fused_rows = None  # one GEMM at every row count
+    step = decode_step_for(model)
+    assert step is not None
+    workspace = RoutingWorkspace(rows=len(rows), grouped_kernel=load_grouped_kernel())
+    plan = build_plan([manager.acquire(r).weights if r else None for r in rows], workspace=workspace)
+    kinds = {type(route) for route in plan.routes.values()}
+    assert kinds <= {UniformLinear, GroupedLinear} and all(getattr(r, "native", True) for r in plan.routes.values())
+    inside: list[bool] = []  # set while the step runs
+    member_calls: list[int] = []
+    real = FusedSiblings.slices
+    monkeypatch.setattr(FusedSiblings, "slices", lambda self, y: (member_calls.extend(inside[:1]), real(self, y))[1])
+
+    def counted(*args, **kwargs):
+        inside.append(True)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    base = decode_both(model, step, steps=2)
+    with use_plan(plan):
+        routed = decode_both(model, counted, steps=2, routes=plan.routes)
+    assert member_calls == [], "a routed fused group ran its members' own calls in the step"
+    assert_identical(routed)
+    assert not torch.allclose(routed[0][0][0], base[0][0][0])  # row 0's adapter changed its logits
