@@ -7,7 +7,9 @@ against torch's grouped route on the model's own linear shapes: rank 16, a small
 rows sharing a few adapters, each cell cycling through enough copies of the adapters to read them from memory,
 as a step does. It keeps the native kernel only if it was faster over all the cells, and logs them. ``native``
 requires the kernel (a start error says why it cannot build); ``torch`` never builds it. Either way the
-deltas agree to fp32 rounding: the choice changes speed only.
+deltas agree to fp32 rounding: the choice changes speed only. Where the kernel is kept, decode plans send rows
+on distinct adapters to it too (grouped.prefers_grouped); the cells time shared adapters only, as the gain
+for distinct ones is the decode step's fused GEMMs, not the route alone (BENCHMARKS "Session 23").
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ CELL_SECONDS: Final = 0.01
 
 
 class LoraKernel(enum.Enum):
-    """What adds the grouped route's deltas in a decode step (fp32 on CPU; other cases always run torch)."""
+    """What adds the grouped route's deltas in a decode step (fp32 on CPU; other cases always run torch); with
+    the native kernel, rows on distinct adapters take the grouped route too."""
 
     AUTO = "auto"  # the native kernel where it built and was faster here (timed at start)
     NATIVE = "native"  # the native kernel; the engine refuses to start without it

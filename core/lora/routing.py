@@ -11,7 +11,8 @@ every case measured (BENCHMARKS.md) where rows use distinct adapters; three rout
 - ``GatheredLinear`` (gathered.py): per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
   compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
   baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
-- ``GroupedLinear`` (grouped.py): rows share adapters: each distinct adapter's weights read once per step.
+- ``GroupedLinear`` (grouped.py): rows share adapters, or the decode plan holds the native kernel: each
+  distinct adapter's weights read once per step, where they lie.
 """
 
 from __future__ import annotations
