@@ -110,15 +110,12 @@ class UniformLinear(Route):
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (..., out)
-        if self.adds_into(x) and out.dtype is x.dtype and out.is_contiguous():
-            self.add_into(x, out.view(out.shape[0], -1))  # in place into the fresh base output
-            return out
         h = torch.matmul(x.to(self.At.dtype), self.At)  # (..., r)
         if out.dtype == h.dtype and self.bias is None:  # fused add: out + h @ Bt
             out2, h2 = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
             if out.requires_grad or not out.is_contiguous():
                 return torch.addmm(out2, h2, self.Bt).view(out.shape)
-            out2.addmm_(h2, self.Bt)  # in place into the fresh base output
+            out2.addmm_(h2, self.Bt)  # in place into the fresh base output: add_into's ops, bit for bit
             return out
         return add_delta(out, F.linear(h, self.Bt.T, self.bias))
 
