@@ -22,6 +22,13 @@ def add_kernel_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--no-lean-decode-step", dest="lean_decode_step", action="store_false", help="decode steps call the forward"
     )
+    g.add_argument(
+        "--no-huge-page-weights",
+        dest="huge_page_weights",
+        action="store_false",
+        help="leave the model's weights on the pages loading put them on (default: moved at startup into memory "
+        "advised for 2 MiB transparent huge pages)",
+    )
     kernel = _ENGINE.linear_kernel.value
     g.add_argument(
         "--linear-kernel",
@@ -56,4 +63,5 @@ def kernel_settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_kernel": LoraKernel(args.lora_kernel),
         "ragged_attention": args.ragged_attention,
         "lean_decode_step": args.lean_decode_step,
+        "huge_page_weights": args.huge_page_weights,
     }

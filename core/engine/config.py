@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
@@ -41,6 +41,9 @@ class EngineConfig:
     join_fraction: float = 0.3
     # GEMM for the model's nn.Linear layers on CPU (loramux.core.model.linear_kernels).
     linear_kernel: LinearKernel = LinearKernel.AUTO
+    # The model's large CPU weights are moved at start into memory advised for 2 MiB pages (fewer TLB misses as
+    # a step streams them; loramux.core.model.huge_pages); False leaves them where loading put them.
+    huge_page_weights: bool = True
     # What adds a decode step's grouped LoRA deltas (rows sharing adapters; loramux.core.lora.kernel_choice).
     lora_kernel: LoraKernel = LoraKernel.AUTO
     # Decode steps attend, per run of similar-length rows, only to their own columns of the left-padded cache
@@ -74,6 +77,17 @@ class EngineConfig:
             raise ValueError(f"linear_kernel must be a LinearKernel (got {self.linear_kernel!r})")
         if not isinstance(self.lora_kernel, LoraKernel):
             raise ValueError(f"lora_kernel must be a LoraKernel (got {self.lora_kernel!r})")
+
+        if not isinstance(self.huge_page_weights, bool):
+            raise ValueError(f"huge_page_weights must be a bool (got {self.huge_page_weights!r})")
+
+    def linear_kernel_options(self) -> dict[str, Any]:
+        """start_linear_kernels' keywords: auto times the kernels at the batch's and a prefill chunk's row counts."""
+        return {
+            "max_batch_rows": self.max_batch_rows,
+            "prefill_rows": self.prefill_chunk_tokens,
+            "huge_pages": self.huge_page_weights,
+        }
 
 
 KV_MEMORY_FRACTION: Final = 0.4  # of the memory available at start, when max_kv_bytes is not given

@@ -210,8 +210,8 @@ class Engine:
 
     def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
         try:  # on this thread: the only one that runs the model's torch ops (see the class docstring)
-            config = self.config  # auto times the kernels at the batch's and a prefill chunk's row counts
-            rows = {"max_batch_rows": config.max_batch_rows, "prefill_rows": config.prefill_chunk_tokens}
+            config = self.config
+            rows = config.linear_kernel_options()  # the row counts auto times at; the weights' pages
             self.linear_kernel, self.kernel_choice = start_linear_kernels(self.model, config.linear_kernel, **rows)
             self.lora_kernel = start_lora_kernel(self.model, config.lora_kernel, max_batch_rows=config.max_batch_rows)
             self._workspace.grouped_kernel = self.lora_kernel.kernel

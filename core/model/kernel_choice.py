@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramux.core.model.fused_linears import FusedSiblings, fuse_siblings, fused_layers
+from loramux.core.model.huge_pages import move_to_huge_pages
 from loramux.core.model.linear_kernels import (
     LinearKernel,
     OneDnnLinear,
@@ -137,10 +138,12 @@ def row_buckets(*, max_batch_rows: int, prefill_rows: int) -> tuple[int, ...]:
 
 
 def start_linear_kernels(
-    model: nn.Module, kernel: LinearKernel, *, max_batch_rows: int, prefill_rows: int
+    model: nn.Module, kernel: LinearKernel, *, max_batch_rows: int, prefill_rows: int, huge_pages: bool = False
 ) -> tuple[LinearKernel, KernelChoice | None]:
     """Put the model's linear layers on ``kernel`` (AUTO: measured here, ``choose_kernels``); returns the kernel
-    in use (TORCH where oneDNN cannot run) and, for AUTO, what was measured."""
+    in use (TORCH where oneDNN cannot run) and, for AUTO, what was measured. ``huge_pages``: then move the large
+    CPU weights, fused ones included, into memory advised for huge pages (huge_pages.py), before oneDNN's
+    packed copies are made for the decode row counts (a packed copy follows its weight's address)."""
     if kernel is not LinearKernel.AUTO:
         used, choice = use_linear_kernel(model, kernel), None
         if used in (LinearKernel.ONEDNN, LinearKernel.NATIVE):
@@ -152,6 +155,11 @@ def start_linear_kernels(
         rows = row_buckets(max_batch_rows=max_batch_rows, prefill_rows=prefill_rows)
         choice = choose_kernels(model, rows=rows, native=native)
         used = LinearKernel.AUTO if choice is not None else LinearKernel.TORCH
+    if huge_pages:
+        log.info("linear weights: %s", move_to_huge_pages([model, *fused_layers(model)]).describe())
+        for layer in [*plain_linears(model), *fused_layers(model)]:
+            if isinstance(layer, OneDnnLinear) and layer.packs:
+                layer.prepack()  # a packed copy is keyed by its weight's address: packed again now, not mid-stream
     compile_decode_kernels(model, max_batch_rows=max_batch_rows)
     return used, choice
 

@@ -27,7 +27,9 @@ def test_kernel_flags_reach_the_engine_config(tmp_path) -> None:
     args = parse(["--model", str(tmp_path), "--lora-kernel", "torch", "--linear-kernel", "onednn"])
     chosen = service_main.config_from_args(args, {}).engine
     assert (chosen.lora_kernel, chosen.linear_kernel) == (LoraKernel.TORCH, LinearKernel.ONEDNN)
-    assert (chosen.ragged_attention, chosen.lean_decode_step) == (True, True)
+    assert (chosen.ragged_attention, chosen.lean_decode_step, chosen.huge_page_weights) == (True, True, True)
+    kept = service_main.config_from_args(parse(["--model", str(tmp_path), "--no-huge-page-weights"]), {}).engine
+    assert kept.huge_page_weights is False
 
 
 def test_an_unknown_lora_kernel_is_refused(capsys) -> None:
