@@ -15,6 +15,8 @@ freed. Where the policy is ``never`` the copy is skipped (``huge_page_policy``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
 import logging
 import mmap
@@ -91,17 +93,35 @@ def move_to_huge_pages(
     base = -_address(region) % HUGE_PAGE  # the first 2 MiB boundary inside the mapping
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
+    nbytes = sum(storage.nbytes() for storage, _ in groups)
+    for (storage, tensors), offset in zip(groups, offsets, strict=True):
+        copy = torch.frombuffer(region, dtype=torch.uint8, count=storage.nbytes(), offset=base + offset)
+        _move(storage, tensors, copy)
+    del groups, storage, tensors, copy  # the old storages go with their last references, before the heap is trimmed
+    _trim_heap()
+    return HugePageMove(policy=policy, storages=len(offsets), nbytes=nbytes)
+
+
+def _move(storage: torch.UntypedStorage, tensors: list[Tensor], copy: Tensor) -> None:
+    """Copy storage's bytes into ``copy`` (uint8, its size, in the mapping) and point its tensors there."""
     with torch.no_grad():
-        for (storage, tensors), offset in zip(groups, offsets, strict=True):
-            nbytes = storage.nbytes()
-            copy = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=base + offset)
-            copy.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
-            moved = copy.untyped_storage()  # views the mapping (the tensors keep it mapped)
-            for tensor in tensors:
-                tensor.data = torch.empty(0, dtype=tensor.dtype).set_(
-                    moved, tensor.storage_offset(), tensor.size(), tensor.stride()
-                )
-    return HugePageMove(policy=policy, storages=len(groups), nbytes=sum(s.nbytes() for s, _ in groups))
+        copy.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        moved = copy.untyped_storage()  # views the mapping (the tensors keep it mapped)
+        for tensor in tensors:
+            tensor.data = torch.empty(0, dtype=tensor.dtype).set_(
+                moved, tensor.storage_offset(), tensor.size(), tensor.stride()
+            )
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): weights under glibc's mmap threshold
+    (up to 32 MiB) lived on the heap, and their freed room would otherwise stay resident (bench model: 78 MiB
+    of RSS kept)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps its own policy
+        pass
 
 
 def _storages(modules: Iterable[nn.Module], *, min_bytes: int) -> list[tuple[torch.UntypedStorage, list[Tensor]]]:
