@@ -3,7 +3,8 @@
 A decode step streams every linear weight from memory once, and with 4 KiB pages that is a TLB miss, and a
 page walk, every 4 KiB: the bench model's 118 MB of linear weights span 29,000 pages, far more than the TLB
 holds, and the hardware prefetchers stop at each page's end. The same native kernel over the same weights on
-one Intel Xeon core: 8.1 ms at one row on 4 KiB pages, 6.4 ms on 2 MiB pages; 11.8 and 10.6 ms at eight rows
+one Intel Xeon core: 8.1 ms at one row on 4 KiB pages, 6.4 ms on 2 MiB pages; 11.8 and 10.6 ms at eight rows.
+The whole decode step gains less: one row on one thread 1.03-1.09x, 8 rows 0.99-1.07x, 2 threads unchanged
 (BENCHMARKS "Session 24"). Linux hands out huge pages to anonymous memory only where asked (``madvise``, the
 default policy of most distributions) or everywhere (``always``); torch's allocator asks only when an
 environment variable is set, which this service does not read or set. So at engine start the model's
@@ -94,11 +95,13 @@ def move_to_huge_pages(
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
     nbytes = sum(storage.nbytes() for storage, _ in groups)
-    for (storage, tensors), offset in zip(groups, offsets, strict=True):
+    groups.reverse()
+    for offset in offsets:  # each old storage dropped once moved: the memory peaks at one storage over, not 2x
+        storage, tensors = groups.pop()
         copy = torch.frombuffer(region, dtype=torch.uint8, count=storage.nbytes(), offset=base + offset)
         _move(storage, tensors, copy)
-    del groups, storage, tensors, copy  # the old storages go with their last references, before the heap is trimmed
-    _trim_heap()
+        del storage, tensors, copy
+    _trim_heap()  # the heap's share of the old storages back to the system
     return HugePageMove(policy=policy, storages=len(offsets), nbytes=nbytes)
 
 
