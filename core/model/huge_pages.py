@@ -83,7 +83,7 @@ def move_to_huge_pages(
     old storage alive, with the same values."""
     policy = huge_page_policy() if policy is None else policy
     groups = _storages(modules, min_bytes=min_bytes)
-    if policy is HugePagePolicy.NEVER or not groups:
+    if policy is HugePagePolicy.NEVER or not groups or not hasattr(mmap, "MAP_PRIVATE"):  # (no MAP_PRIVATE: Windows)
         return HugePageMove(policy=policy, storages=0, nbytes=0)
     offsets, total = [], 0
     for storage, _ in groups:
