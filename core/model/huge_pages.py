@@ -85,16 +85,16 @@ def move_to_huge_pages(
     groups = _storages(modules, min_bytes=min_bytes)
     if policy is HugePagePolicy.NEVER or not groups or not hasattr(mmap, "MAP_PRIVATE"):  # (no MAP_PRIVATE: Windows)
         return HugePageMove(policy=policy, storages=0, nbytes=0)
-    offsets, total = [], 0
+    offsets, total, nbytes = [], 0, 0
     for storage, _ in groups:
         offsets.append(total)
         total += -(-storage.nbytes() // ALIGN) * ALIGN
+        nbytes += storage.nbytes()
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # private: shared anonymous memory follows shmem_enabled
     region = mmap.mmap(-1, total + HUGE_PAGE, flags=flags)  # zero pages until first touched
     base = -_address(region) % HUGE_PAGE  # the first 2 MiB boundary inside the mapping
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
-    nbytes = sum(storage.nbytes() for storage, _ in groups)
     groups.reverse()
     for offset in offsets:  # each old storage dropped once moved: the memory peaks at one storage over, not 2x
         storage, tensors = groups.pop()

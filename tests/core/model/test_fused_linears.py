@@ -17,12 +17,12 @@ from loramux.core.model.linear_kernels import LinearKernel, onednn_works, use_li
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN linear")
 
 
-def tiny_llama(*, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(*, layers: int = 2, hidden: int = 32, intermediate: int = 48) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

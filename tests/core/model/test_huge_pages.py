@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from loramux.core.engine.config import EngineConfig
 from loramux.core.model.fused_linears import FUSED, fused_groups, fused_layers
@@ -21,16 +21,7 @@ from tests.core.model.test_fused_linears import tiny_llama
 
 def mid_llama() -> LlamaForCausalLM:
     """Large enough that its MLP and fused weights reach MIN_BYTES (1 MiB), small enough for a unit test."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden=256, intermediate=1024)
 
 
 def _pointers(modules: list[nn.Module]) -> dict[int, int]:
