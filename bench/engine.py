@@ -28,6 +28,7 @@ from bench.common import bpe_tokenizer, clone_adapters, cpu_model, llama_512, ma
 from loramux.core import AdapterManager, AdapterSelection, Engine, EngineConfig, GenerationRequest, TokenDelta
 from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
+from loramux.core.model.native_layers import DecodeLayers
 from loramux.core.model.native_linear import native_linear
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, ROUNDS = 32, 64, 8, 5
@@ -111,6 +112,7 @@ def engine_with(
     lean: bool = True,
     autocast_adapter_dtype: bool = True,
     lora_kernel: LoraKernel = LoraKernel.AUTO,
+    decode_layers: DecodeLayers = DecodeLayers.AUTO,
 ) -> tuple[Engine, list[str]]:
     model = copy.deepcopy(base)
     manager = AdapterManager(model, max_adapters=max(len(paths), 1))
@@ -118,7 +120,13 @@ def engine_with(
     for i, path in enumerate(paths):
         manager.load_adapter(str(path), f"a{i}", autocast_adapter_dtype=autocast_adapter_dtype)
         names.append(f"a{i}")
-    config = EngineConfig(max_batch_rows=max_rows, linear_kernel=kernel, lean_decode_step=lean, lora_kernel=lora_kernel)
+    config = EngineConfig(
+        max_batch_rows=max_rows,
+        linear_kernel=kernel,
+        lean_decode_step=lean,
+        lora_kernel=lora_kernel,
+        decode_layers=decode_layers,
+    )
     return Engine(model, tokenizer, manager, config), names
 
 
@@ -147,6 +155,7 @@ def engine_case(
     lean: bool = True,
     autocast_adapter_dtype: bool = True,
     lora_kernel: LoraKernel = LoraKernel.AUTO,
+    decode_layers: DecodeLayers = DecodeLayers.AUTO,
     **extra: object,
 ) -> Callable[[], float]:
     """A fresh engine per run (closed after it, so its thread and pool end); pick chooses each row's adapter.
@@ -168,6 +177,7 @@ def engine_case(
             lean=lean,
             autocast_adapter_dtype=autocast_adapter_dtype,
             lora_kernel=lora_kernel,
+            decode_layers=decode_layers,
         )
         engine, names = in_fresh_thread(build)
         try:
@@ -186,13 +196,14 @@ def report_kernel_choice(base, tokenizer, *, label: str = "") -> None:
     timed at start 3-10x (the LoRA kernel's cells)."""
     engine, _ = in_fresh_thread(lambda: engine_with(base, tokenizer, [], max_rows=64))
     try:
-        choice = engine.kernel_choice
+        choice, layers = engine.kernel_choice, engine.decoder.native_choice
     finally:
         engine.close()
     chosen = choice.summary if choice else engine.linear_kernel.value
     print(f"== linear kernels, {label}--linear-kernel auto: {chosen}", flush=True)
     if choice is not None:
         print(choice.describe())
+    print(f"== decode layers, {label}--decode-layers auto: {layers if isinstance(layers, str) else layers.describe()}")
     print(f"== LoRA kernel, {label}--lora-kernel auto:")
     print(engine.lora_kernel.describe(), flush=True)
 
@@ -254,6 +265,9 @@ def main() -> None:
                             base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, kernel=LinearKernel.NATIVE
                         )
                     }
+                ),
+                "engine no adapters, torch's decode layers": engine_case(
+                    base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, decode_layers=DecodeLayers.TORCH
                 ),
                 "engine no adapters, transformers forward": engine_case(
                     base, tok, [], lambda _: [AdapterSelection.BASE] * ROWS, lean=False

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # grouped kernel's accumulators to the stack (3x slower); a CPU without AVX-512 ignores the preference
 FLAGS: Final = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
 COMPILE_SECONDS: Final = 120.0
+_QUOTED_INCLUDE: Final = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 class NativeKernelUnavailable(RuntimeError):
@@ -52,14 +54,30 @@ def load_library(source: Path, *, cache_dir: Path | None = None) -> tuple[ctypes
 
 
 def build_key(compiler: str, source: Path) -> str:
-    """Changes with the source, the flags, the compiler's version and this CPU (model and feature flags)."""
-    digest = hashlib.sha256(source.read_bytes())
+    """Changes with the source (and the files it includes), the flags, the compiler's version and this CPU
+    (model and feature flags)."""
+    digest = hashlib.sha256()
+    for part in sources_of(source):
+        digest.update(part.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
     digest.update(version.stdout.encode())
     digest.update(platform.machine().encode())
     digest.update(cpu_identity().encode())
     return digest.hexdigest()[:16]
+
+
+def sources_of(source: Path) -> list[Path]:
+    """source and the files it includes with ``#include "name"`` (beside it), each once, depth first."""
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        path = pending.pop()
+        if path in found or not path.is_file():
+            continue
+        found.append(path)
+        pending.extend(path.parent / name for name in reversed(_QUOTED_INCLUDE.findall(path.read_text())))
+    return found
 
 
 def cpu_identity() -> str:

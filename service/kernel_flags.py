@@ -8,6 +8,7 @@ from typing import Any
 from loramux.core import EngineConfig
 from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
+from loramux.core.model.native_layers import DecodeLayers
 
 _ENGINE = EngineConfig()
 
@@ -42,6 +43,20 @@ def add_kernel_flags(g: argparse._ArgumentGroup) -> None:
             f"~/.cache/loramux; startup fails without it), torch's beyond (default {kernel})"
         ),
     )
+    layers = _ENGINE.decode_layers.value
+    g.add_argument(
+        "--decode-layers",
+        choices=[k.value for k in DecodeLayers],
+        default=layers,
+        help=(
+            "how the lean decode step runs each layer's norms, projections, rotation and MLP: native runs them as "
+            "two C calls a layer on the native linear kernel (AVX-512, built with gcc at startup; logits within "
+            "fp32 rounding of the forward's, checked at startup) wherever the layer carries no LoRA route; auto "
+            "times the step both ways at startup and keeps native layers at the batch sizes where they were "
+            "faster (never under --linear-kernel torch or onednn); torch: torch's ops "
+            f"(default {layers})"
+        ),
+    )
     lora = _ENGINE.lora_kernel.value
     g.add_argument(
         "--lora-kernel",
@@ -63,5 +78,6 @@ def kernel_settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_kernel": LoraKernel(args.lora_kernel),
         "ragged_attention": args.ragged_attention,
         "lean_decode_step": args.lean_decode_step,
+        "decode_layers": DecodeLayers(args.decode_layers),
         "huge_page_weights": args.huge_page_weights,
     }

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from loramux.core.lora.kernel_choice import LoraKernel
+from loramux.core.model.kernel_choice import row_buckets
 from loramux.core.model.linear_kernels import LinearKernel
+from loramux.core.model.native_layers import DecodeLayers
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class EngineConfig:
     # Decode steps of a Llama-family model call its modules directly, without transformers' forward around
     # them (loramux.core.model.decode_step; the same logits bit for bit, checked at start); False: the forward.
     lean_decode_step: bool = True
+    # Whether that step runs each layer's ops around attention as two native calls (native_layers.py; logits
+    # within fp32 rounding of the forward's, checked at start): auto where a timed step was faster with them
+    # (under an explicit torch or onednn linear kernel: never), native at every row count, torch never.
+    decode_layers: DecodeLayers = DecodeLayers.AUTO
     # Bytes of prompt KV kept for reuse by later prompts that start the same way, per owner (base model or one
     # adapter load; prefix_cache.py); 0 turns the cache off; None: PREFIX_CACHE_DEFAULT_BYTES, at most
     # PREFIX_CACHE_MEMORY_FRACTION of the memory available when the engine starts.
@@ -78,6 +84,8 @@ class EngineConfig:
         if not isinstance(self.lora_kernel, LoraKernel):
             raise ValueError(f"lora_kernel must be a LoraKernel (got {self.lora_kernel!r})")
 
+        if not isinstance(self.decode_layers, DecodeLayers):
+            raise ValueError(f"decode_layers must be a DecodeLayers (got {self.decode_layers!r})")
         if not isinstance(self.huge_page_weights, bool):
             raise ValueError(f"huge_page_weights must be a bool (got {self.huge_page_weights!r})")
 
@@ -88,6 +96,13 @@ class EngineConfig:
             "prefill_rows": self.prefill_chunk_tokens,
             "huge_pages": self.huge_page_weights,
         }
+
+    def decode_layer_options(self) -> dict[str, Any]:
+        """Decoder's keywords for native layers: auto gives way to a linear kernel fixed to torch or onednn."""
+        fixed = self.linear_kernel in (LinearKernel.TORCH, LinearKernel.ONEDNN)
+        layers = DecodeLayers.TORCH if fixed and self.decode_layers is DecodeLayers.AUTO else self.decode_layers
+        rows = row_buckets(max_batch_rows=self.max_batch_rows, prefill_rows=self.max_batch_rows)
+        return {"layers": layers, "rows": rows}
 
 
 KV_MEMORY_FRACTION: Final = 0.4  # of the memory available at start, when max_kv_bytes is not given

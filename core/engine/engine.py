@@ -50,7 +50,7 @@ from loramux.core.lora.routing import RoutingPlan, build_plan, extend_plan, swap
 from loramux.core.lora.workspace import RoutingWorkspace
 from loramux.core.memory import ArenaStats, BufferArena
 from loramux.core.model import kv_batch
-from loramux.core.model.decode_step import Decoder
+from loramux.core.model.decoder import Decoder
 from loramux.core.model.kernel_choice import KernelChoice, start_linear_kernels
 from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.ragged_attention import decode_segments, use_ragged_attention
@@ -106,7 +106,7 @@ class Engine:
         self._workspace = RoutingWorkspace(rows=config.max_batch_rows)  # the decode plan's stacks, kept
         self._chunking: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
         self._ragged = False  # decode attention skips rows' left padding (loramux.core.model.ragged_attention)
-        self._decoder: Decoder  # a decode step's logits (model.decode_step), set by the engine thread
+        self.decoder: Decoder  # a step's logits (native_choice: the layers start chose), set by the engine thread
         self.steps = 0
         self.linear_kernel = config.linear_kernel  # the one in use, set by the engine thread before it serves
         self.kernel_choice: KernelChoice | None = None  # what --linear-kernel auto measured
@@ -216,7 +216,7 @@ class Engine:
             self.lora_kernel = start_lora_kernel(self.model, config.lora_kernel, max_batch_rows=config.max_batch_rows)
             self._workspace.grouped_kernel = self.lora_kernel.kernel
             self._ragged = self.config.ragged_attention and use_ragged_attention(self.model)
-            self._decoder = Decoder(self.model, lean=self.config.lean_decode_step)
+            self.decoder = Decoder(self.model, lean=config.lean_decode_step, **config.decode_layer_options())
             self.limits = resolve_limits(self.config, self.model, self.tokenizer)
             cache = PrefixCache(max_bytes=self.limits.prefix_cache_bytes, block_tokens=self.config.prefix_block_tokens)
             self._prefixes = RowPrefixes(cache)
@@ -337,7 +337,7 @@ class Engine:
         # each row's real tokens, the one fed now included: its position + 1 (no second pass over the mask)
         segments = decode_segments((positions[:, 0] + 1).tolist(), mask.shape[1]) if self._ragged else None
         with use_plan(plan := self._plan):
-            logits = self._decoder(
+            logits = self.decoder(
                 ids, positions=positions, mask=mask, cache=self._cache, segments=segments, routes=plan.routes
             )
         self.steps += 1

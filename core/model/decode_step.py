@@ -27,7 +27,7 @@ itself as ``modules_to_save``) makes the step fall back to the forward: ``covers
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import torch
@@ -38,6 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from loramux.core.model.fused_linears import SIBLINGS, FusedSiblings, fused_groups
 from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.linear_kernels import FUSED
+from loramux.core.model.native_layers import NativeDecodeLayers
 from loramux.core.model.ragged_attention import NAME as RAGGED
 from loramux.core.model.ragged_attention import SEGMENTS_KWARG, Segment
 
@@ -86,6 +87,7 @@ class LlamaDecodeStep:
         ]
         self.o_names = [f"model.layers.{i}.self_attn.o_proj" for i in range(count)]
         self.norm_op = _rms_norm_op_matches(self.inner.norm)
+        self.native: NativeDecodeLayers | None = None  # set where the probe accepted them (native_layers_for)
 
     def covers(self, routes: Mapping[str, Any]) -> bool:
         """Whether a plan with these routes runs here (no route on a module whose forward this step skips)."""
@@ -112,15 +114,24 @@ class LlamaDecodeStep:
         attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # (N, 1, 1, S)
         extra = {SEGMENTS_KWARG: segments} if segments is not None else {}
         attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        native = self.native
         for i, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
             layer = _base(layer)
             attn = _base(layer.self_attn)
-            h = self._norm(layer.input_layernorm, x)  # (N, 1, d)
-            qkv, o_name, mlp_names = self.qkv_names[i], self.o_names[i], self.mlp_names[i]
-            q, k, v = self._qkv(attn, h, cos, sin, [routes.get(n) for n in qkv])
+            lora = native.routes_of(i, rows, routes, x) if native is not None else None
+            if lora is not None:  # norm, q/k/v and rotation in native calls (native_layers.py)
+                q, k, v = self._split(native.attention_inputs(i, x, cos, sin, lora), attn.head_dim)  # type: ignore[union-attr]
+            else:
+                h = self._norm(layer.input_layernorm, x)  # (N, 1, d)
+                q, k, v = self._qkv(attn, h, cos, sin, [routes.get(n) for n in self.qkv_names[i]])
             k, v = cache.update(k, v, attn.layer_idx)  # (N, Hkv, S, D)
             o, _ = attention(attn, q, k, v, attend, dropout=0.0, scaling=attn.scaling, **extra)  # (N, 1, H, D)
-            x = x + _linear(attn.o_proj, routes.get(o_name), o.reshape(rows, 1, -1).contiguous())
+            o = o.reshape(rows, 1, -1).contiguous()  # (N, 1, H D)
+            if lora is not None:  # o_proj, the residual, norm and MLP in native calls
+                x = native.attention_output_and_mlp(i, x, o, lora)  # type: ignore[union-attr]
+                continue
+            o_name, mlp_names = self.o_names[i], self.mlp_names[i]
+            x = x + _linear(attn.o_proj, routes.get(o_name), o)
             h = self._norm(layer.post_attention_layernorm, x)
             x = x + self._mlp(layer.mlp, h, [routes.get(n) for n in mlp_names])
         return self.model.lm_head(self._norm(inner.norm, x))[:, -1, :]
@@ -149,6 +160,12 @@ class LlamaDecodeStep:
         qk = y[..., :split].view(rows, 1, heads + kv_heads, dim).transpose(1, 2)  # (N, H + Hkv, 1, D)
         qk = (qk * cos) + (_rotate_half(qk) * sin)
         return qk[:, :heads], qk[:, heads:], y[..., split:].view(rows, 1, kv_heads, dim).transpose(1, 2)
+
+    def _split(self, y: Tensor, dim: int) -> tuple[Tensor, ...]:
+        """Views q (N, H, 1, D), k and v (N, Hkv, 1, D) of y (N, 1, (H + 2 Hkv) D)."""
+        (heads, kv_heads), rows = self.heads, y.shape[0]
+        y = y.view(rows, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # (N, H + 2 Hkv, 1, D)
+        return y[:, :heads], y[:, heads : heads + kv_heads], y[:, heads + kv_heads :]
 
     def _mlp(self, mlp: Any, h: Tensor, routes: list[Any]) -> Tensor:
         """The MLP's output (N, 1, d): down(act(gate(h)) * up(h)), gate and up as views of one GEMM's output
@@ -207,31 +224,6 @@ def _fused_group(parent: Any, names: tuple[str, ...], h: Tensor, routes: list[An
     return group
 
 
-class Decoder:
-    """A decode step's logits (N, V): by the model's ``LlamaDecodeStep`` when it has one (``lean``, and
-    ``decode_step_for`` found it exact) and it covers the active plan's routes, else by the model's forward."""
-
-    def __init__(self, model: Any, *, lean: bool) -> None:
-        self.model = model
-        self.step = decode_step_for(model) if lean else None
-
-    def __call__(
-        self,
-        ids: Tensor,
-        *,
-        positions: Tensor,
-        mask: Tensor,
-        cache: Any,
-        segments: list[Segment] | None,
-        routes: Mapping[str, Any],
-    ) -> Tensor:
-        """ids, positions (N, 1); mask (N, S) with the new column; segments: ragged runs (passed to the forward
-        only when given)."""
-        if self.step is not None and self.step.covers(routes):
-            return self.step(ids, positions=positions, mask=mask, cache=cache, segments=segments, routes=routes)
-        return forward_logits(self.model, ids, positions=positions, mask=mask, cache=cache, segments=segments)
-
-
 def forward_logits(
     model: Any, ids: Tensor, *, positions: Tensor, mask: Tensor, cache: Any, segments: list[Segment] | None
 ) -> Tensor:
@@ -275,7 +267,7 @@ def decode_step_for(model: nn.Module) -> LlamaDecodeStep | None:
     if not reasons:
         step = LlamaDecodeStep(model)
         try:
-            problem = _probe(model, step)
+            problem = probe_step(model, step, close=torch.equal)
         except Exception as exc:  # an architecture the step reads wrongly
             problem = f"{type(exc).__name__}: {exc}"
         if problem:
@@ -287,9 +279,10 @@ def decode_step_for(model: nn.Module) -> LlamaDecodeStep | None:
     return step
 
 
-def _probe(model: Any, step: LlamaDecodeStep) -> str:
-    """'' when three decode steps of padded rows give the forward's logits bit for bit: as configured, in ragged
-    runs, and with every fused group forced to run as one GEMM (its row-count table decides in service)."""
+def probe_step(model: Any, step: LlamaDecodeStep, *, close: Callable[[Tensor, Tensor], bool]) -> str:
+    """'' when three decode steps of padded rows give logits ``close`` to the forward's (torch.equal: bit for
+    bit): as configured, in ragged runs, and with every fused group forced to run as one GEMM (its row-count
+    table decides in service)."""
     from loramux.core.model.kv_cache import GrowableCache
 
     device = next(model.parameters()).device
@@ -320,6 +313,6 @@ def _probe(model: Any, step: LlamaDecodeStep) -> str:
         for group, table in tables:
             group.fused_rows = table
     for a, b in zip(*logits, strict=True):
-        if not torch.equal(a, b):
+        if not close(a, b):
             return f"its logits differ from the forward's by {(a - b).abs().max().item():.3g}"
     return ""

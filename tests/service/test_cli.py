@@ -6,6 +6,7 @@ import pytest
 
 from loramux.core.lora.kernel_choice import LoraKernel
 from loramux.core.model.linear_kernels import LinearKernel
+from loramux.core.model.native_layers import DecodeLayers
 from loramux.service import __main__ as service_main
 
 
@@ -30,6 +31,9 @@ def test_kernel_flags_reach_the_engine_config(tmp_path) -> None:
     assert (chosen.ragged_attention, chosen.lean_decode_step, chosen.huge_page_weights) == (True, True, True)
     kept = service_main.config_from_args(parse(["--model", str(tmp_path), "--no-huge-page-weights"]), {}).engine
     assert kept.huge_page_weights is False
+    assert default.decode_layers is DecodeLayers.AUTO
+    native = service_main.config_from_args(parse(["--model", str(tmp_path), "--decode-layers", "native"]), {}).engine
+    assert native.decode_layers is DecodeLayers.NATIVE
 
 
 def test_an_unknown_lora_kernel_is_refused(capsys) -> None:
