@@ -100,7 +100,7 @@ class _LayerTensors:
 
 
 class NativeDecodeLayers:
-    """The C halves of each decoder layer of a Llama-family model (``native_layers_for`` builds it)."""
+    """The native calls of each decoder layer of a Llama-family model (``native_layers`` builds it)."""
 
     def __init__(self, model: Any, library: ctypes.CDLL) -> None:
         inner = _base(model.model)
@@ -143,6 +143,8 @@ class NativeDecodeLayers:
         ``routes_of`` gave (routes add into q, k and v before the rotation)."""
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
         rows, layer = x.shape[0], ctypes.byref(self.layers[index].current())
+        if cos.numel() != rows * self.layers[index].sizes[3] or sin.shape != cos.shape:  # C reads D per row
+            raise ValueError(f"rotary cos/sin {tuple(cos.shape)} do not give each row head_dim values")
         qkv = torch.empty(rows, 1, self.width, dtype=torch.float32)
         threads = torch.get_num_threads()
         if lora is True:
@@ -209,6 +211,8 @@ def unsupported(model: Any) -> list[str]:
             reasons.append(f"layer {i} has weights that are not contiguous fp32 on the CPU")
         if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
             reasons.append(f"layer {i}'s MLP activation is not SiLU")
+        if float(getattr(model.config, "partial_rotary_factor", 1.0)) != 1.0:
+            reasons.append("partial rotary embeddings")
         if not all(hasattr(norm, "variance_epsilon") for norm in norms):
             reasons.append(f"layer {i}'s norms are not RMSNorms with variance_epsilon")
         if reasons:

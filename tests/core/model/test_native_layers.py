@@ -139,6 +139,20 @@ def test_a_probe_outside_the_tolerance_keeps_torchs_ops(monkeypatch, caplog) -> 
     assert "decode layers run torch's ops" in caplog.text
 
 
+def test_a_probe_that_raises_keeps_torchs_ops(monkeypatch) -> None:
+    model = prepared("llama")
+    step = decode_step_for(model)
+    assert step is not None
+
+    def broken(self, *args):
+        raise ValueError("rotary cos/sin (3, 1, 1, 4) do not give each row head_dim values")
+
+    monkeypatch.setattr(NativeDecodeLayers, "attention_inputs", broken)
+    why = attach_native_layers(model, step, mode=DecodeLayers.NATIVE, rows=(4,))
+    assert why == "ValueError: rotary cos/sin (3, 1, 1, 4) do not give each row head_dim values"
+    assert step.native is None
+
+
 def test_the_tolerance_bounds_the_difference_and_keeps_the_argmax() -> None:
     logits = torch.tensor([[10.0, 1.0, -3.0], [0.5, 0.4995, 0.0]])
     assert within_tolerance(logits, logits + 1e-4)  # the bound: 1e-4 of the largest magnitude, 10
@@ -158,6 +172,9 @@ def test_torch_mode_and_unsupported_models_say_why() -> None:
     for layer in gelu.model.layers:
         layer.mlp.act_fn = torch.nn.GELU()
     assert unsupported(gelu) == ["layer 0's MLP activation is not SiLU"]
+    partial = build_base("llama")
+    partial.config.partial_rotary_factor = 0.5
+    assert unsupported(partial) == ["partial rotary embeddings"]
     half = build_base("llama").to(torch.bfloat16)
     assert unsupported(half) == ["layer 0 has weights that are not contiguous fp32 on the CPU"]
 
