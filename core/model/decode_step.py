@@ -38,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from loramux.core.model.fused_linears import SIBLINGS, FusedSiblings, fused_groups
 from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.linear_kernels import FUSED
-from loramux.core.model.native_layers import NativeDecodeLayers
+from loramux.core.model.native_layers import NativeDecodeLayers, add_into_columns
 from loramux.core.model.ragged_attention import NAME as RAGGED
 from loramux.core.model.ragged_attention import SEGMENTS_KWARG, Segment
 
@@ -192,12 +192,7 @@ def _linear(module: Any, route: Any, x: Tensor) -> Tensor:
 def _routed_gemm(group: FusedSiblings, h: Tensor, routes: list[Any]) -> Tensor:
     """The group's one GEMM over h with each member's route (if any) added into that member's columns."""
     y = group.layer(h)  # (N, 1, sum out)
-    flat = y.view(y.shape[0], -1)
-    start = 0
-    for size, route in zip(group.sizes, routes, strict=True):
-        if route is not None:
-            route.add_into(h, flat[:, start : start + size])
-        start += size
+    add_into_columns(routes, h, y, group.sizes)
     return y
 
 

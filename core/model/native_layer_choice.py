@@ -26,6 +26,7 @@ from torch import Tensor
 
 from loramux.core.model.decode_step import LlamaDecodeStep, probe_step
 from loramux.core.model.kv_batch import next_positions, prefill_positions
+from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.native_layers import MAX_ROWS, TOLERANCE, DecodeLayers, native_layers
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ def _none(why: str) -> str:
 
 def _time_step(model: Any, step: LlamaDecodeStep, rows: int) -> StepTiming:
     """Decode steps of ``rows`` rows on one cache, native layers on and off in turn (medians, seconds)."""
-    from loramux.core.model.kv_cache import GrowableCache
-
     layers = step.native
     assert layers is not None
     device = next(model.parameters()).device

@@ -157,14 +157,16 @@ class NativeDecodeLayers:
         assert not isinstance(lora, bool)
         h = torch.empty_like(x)
         self._lib.decode_norm_qkv(layer, rows, x.data_ptr(), h.data_ptr(), qkv.data_ptr(), threads)
-        _add_into(lora[:3], h, qkv, self.layers[index].qkv_sizes)
+        add_into_columns(lora[:3], h, qkv, self.layers[index].qkv_sizes)
         self._lib.decode_rotate(layer, rows, qkv.data_ptr(), cos.data_ptr(), sin.data_ptr())
         return qkv
 
     def attention_output_and_mlp(self, index: int, x: Tensor, o: Tensor, lora: Routes | bool) -> Tensor:
-        """x (N, 1, d) the layer's input, o (N, 1, H D) attention's output -> the layer's output (N, 1, d)."""
+        """x (N, 1, d) the layer's input, o (N, 1, H D) attention's output -> the layer's output (N, 1, d);
+        called after ``attention_inputs`` of the same layer in the same step (it checked the weights' pointers)."""
         x, o = x.contiguous(), o.contiguous()
-        rows, layer, threads = x.shape[0], ctypes.byref(self.layers[index].current()), torch.get_num_threads()
+        # the struct attention_inputs checked this step: nothing moves a storage between a layer's two calls
+        rows, layer, threads = x.shape[0], ctypes.byref(self.layers[index].struct), torch.get_num_threads()
         out = torch.empty_like(x)
         if lora is True:
             _check(self._lib.decode_attn_out_mlp(layer, rows, x.data_ptr(), o.data_ptr(), out.data_ptr(), threads))
@@ -173,20 +175,21 @@ class NativeDecodeLayers:
         inter = self.layers[index].sizes[4]
         mid, h = torch.empty_like(x), torch.empty_like(x)
         self._lib.decode_o(layer, rows, o.data_ptr(), mid.data_ptr(), threads)
-        _add_into(lora[3:4], o, mid, (mid.shape[-1],))
+        add_into_columns(lora[3:4], o, mid, (mid.shape[-1],))
         gate_up = torch.empty(rows, 1, 2 * inter, dtype=torch.float32)
         self._lib.decode_residual_norm_gate_up(
             layer, rows, x.data_ptr(), mid.data_ptr(), h.data_ptr(), gate_up.data_ptr(), threads
         )
-        _add_into(lora[4:6], h, gate_up, (inter, inter))
+        add_into_columns(lora[4:6], h, gate_up, (inter, inter))
         act = torch.empty(rows, 1, inter, dtype=torch.float32)
         self._lib.decode_silu_down(layer, rows, gate_up.data_ptr(), act.data_ptr(), inter, out.data_ptr(), threads)
-        _add_into(lora[6:], act, out, (out.shape[-1],))
+        add_into_columns(lora[6:], act, out, (out.shape[-1],))
         return mid + out  # the residual, as x + mlp(h)
 
 
-def _add_into(routes: Sequence[Any], x: Tensor, out: Tensor, sizes: Sequence[int]) -> None:
-    """Each route (None: none) adds its delta for x (N, 1, in) into its columns of out (N, 1, sum sizes)."""
+def add_into_columns(routes: Sequence[Any], x: Tensor, out: Tensor, sizes: Sequence[int]) -> None:
+    """Each route (None: none) adds its delta for x (N, 1, in) into its columns of out (N, 1, sum sizes): a
+    fused GEMM's members' (decode_step.py) or a native call's outputs side by side."""
     flat, start = out.view(out.shape[0], -1), 0
     for size, route in zip(sizes, routes, strict=True):
         if route is not None:
