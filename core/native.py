@@ -115,3 +115,17 @@ def compile_library(compiler: str, source: Path, directory: Path, path: Path) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("built the native kernel %s: %s", source.name, path)
+
+
+class NativeLora(ctypes.Structure):
+    """One module's LoRA add as one native library hands it to another (decode_layer.c's lora_t): the grouped
+    kernel's ``lora_grouped_add`` and its segment arguments, for the native decode layers to call right after
+    that module's GEMM. Its addresses point into tensors the route that made it holds."""
+
+    _fields_ = [
+        ("add", ctypes.c_void_p),
+        *((name, ctypes.c_void_p) for name in ("a_ptrs", "b_ptrs", "ranks", "scales", "rows", "offsets")),
+        ("adapters", ctypes.c_int64),
+        ("scratch", ctypes.c_void_p),
+        ("scratch_stride", ctypes.c_int64),
+    ]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from loramux.core.lora.native_kernel import GroupedKernel, Segments, takes
 from loramux.core.lora.route import Route, decode_input
 from loramux.core.lora.weights import LinearLora, common_dtype, padded_rank
+from loramux.core.native import NativeLora
 
 
 def prefers_grouped(row_loras: Sequence[LinearLora | None], *, native: bool = False) -> bool:
@@ -75,6 +76,7 @@ class GroupedLinear(Route):
         self._distinct, self._members = list(distinct.values()), members
         self.native = self._kernel is not None and all(takes(lo) for lo in self._distinct)
         self.segments = Segments.of(self._distinct, members) if self.native and members else None
+        self._native_lora = self._kernel.native_lora(self.segments) if self.native else None  # type: ignore[union-attr]
         self._torch_ready = False  # torch's indices (and stacks, if the adapters changed) when first needed
 
     def _ready_torch(self) -> None:
@@ -106,6 +108,10 @@ class GroupedLinear(Route):
     def add_into(self, x: Tensor, out: Tensor) -> None:
         if self._members:  # else no row has this module's LoRA
             self._kernel.add(out, x.view(x.shape[0], x.shape[-1]), self.segments)  # type: ignore[union-attr,arg-type]
+
+    def native_lora(self, rows: int) -> NativeLora | None:
+        """The kernel's call for this batch's segments (one adding nothing when no row has this module's LoRA)."""
+        return self._native_lora
 
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = base_layer(x, *args, **kwargs)  # (N, T, out)

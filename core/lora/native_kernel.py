@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from loramux.core.lora.weights import LinearLora
-from loramux.core.native import NativeKernelUnavailable, load_library
+from loramux.core.native import NativeKernelUnavailable, NativeLora, load_library
 
 SOURCE: Final = Path(__file__).with_name("native") / "grouped_lora.c"
 MAX_RANK: Final = 64  # ranks 8, 16, 32, 64 run compiled for their rank; others up to 64 a generic loop
@@ -107,6 +107,21 @@ class GroupedKernel:
         )
         if status != 0:
             raise ValueError(f"native grouped LoRA kernel: ranks {segments.ranks.tolist()} not within 1..{MAX_RANK}")
+
+    def native_lora(self, segments: Segments | None) -> NativeLora:
+        """``add``'s call for segments as a native caller makes it (native_layers.py): valid while segments
+        lives (the caller holds it). None: no segments, a call that adds nothing."""
+        if segments is None:
+            return NativeLora(ctypes.cast(self._fn, ctypes.c_void_p).value)  # adapters 0
+        return NativeLora(
+            ctypes.cast(self._fn, ctypes.c_void_p).value,
+            *(t.data_ptr() for t in (segments.a_ptrs, segments.b_ptrs, segments.ranks, segments.scales)),
+            segments.rows.data_ptr(),
+            segments.offsets.data_ptr(),
+            segments.a_ptrs.shape[0],
+            segments.scratch.data_ptr(),
+            segments.scratch.shape[1],
+        )
 
 
 def load_grouped_kernel(*, cache_dir: Path | None = None) -> GroupedKernel:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from loramux.core.native import NativeLora
+
 
 class Route:
     def forward(self, base_layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
@@ -24,6 +26,12 @@ class Route:
         column stride, any row stride), += this route's delta, bit for bit what ``forward`` adds. Only for an
         x that ``adds_into`` took."""
         raise NotImplementedError
+
+    def native_lora(self, rows: int) -> NativeLora | None:
+        """The native call that adds this route's delta for ``rows`` rows, as ``add_into`` does (to fp32
+        rounding), for the native decode layers to make inside their own call; None: none (they call
+        ``add_into``). Only for an x that ``adds_into`` took. Default: none."""
+        return None
 
     def compact(self, moves: Sequence[tuple[int, int]], rows: int) -> None:
         """In place: row dst takes row src's routing for each (dst, src) in moves, then keep the first

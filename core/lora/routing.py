@@ -7,7 +7,8 @@ with different plans, and the plan is gone when the ``with`` block exits, even i
 The per-row math is the hot path of every decode step. bench/lora_routing.py measures gather-bmm against a
 loop over adapters (PEFT's mixed batch) and one wide masked matmul over stacked adapters; gather-bmm won in
 every case measured (BENCHMARKS.md) where rows use distinct adapters; three routes remain:
-- ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second.
+- ``UniformLinear``: every row uses one adapter: two thin matmuls, the add fused into the second (or, in
+  the native decode layers, the grouped kernel's call on one segment of every row).
 - ``GatheredLinear`` (gathered.py): per-row A/B stacks gathered when rows join (``extend_plan`` writes only theirs) and
   compacted when rows leave (``RoutingPlan.compact`` moves only the tail rows), then one bmm and one fused
   baddbmm per step. Rows without the module's LoRA get zero weights, adding exactly 0.
@@ -28,10 +29,12 @@ from torch import Tensor, nn
 
 from loramux.core.lora.gathered import GatheredLinear
 from loramux.core.lora.grouped import GroupedLinear, prefers_grouped
+from loramux.core.lora.native_kernel import GroupedKernel, Segments, takes
 from loramux.core.lora.route import Route, add_delta, decode_input, move_rows
 from loramux.core.lora.segmented import SegmentedLinear
 from loramux.core.lora.weights import AdapterWeights, EmbeddingLora, LinearLora, common_dtype
 from loramux.core.lora.workspace import RoutingWorkspace
+from loramux.core.native import NativeLora
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,22 @@ def use_plan(plan: RoutingPlan) -> Iterator[RoutingPlan]:
 
 
 class UniformLinear(Route):
-    def __init__(self, lora: LinearLora) -> None:
+    def __init__(self, lora: LinearLora, *, kernel: GroupedKernel | None = None) -> None:
         self.At = lora.At  # (in, r)
         self.Bt = lora.Bt * lora.scaling  # (r, out), scaling folded in
         self.bias = lora.bias * lora.scaling if lora.bias is not None else None
+        self._lora, self._kernel = lora, kernel if kernel is not None and takes(lora) else None
+        self._native: dict[int, tuple[Segments, NativeLora]] = {}  # by rows: one segment of every row
+
+    def native_lora(self, rows: int) -> NativeLora | None:
+        """With the grouped kernel (a decode plan's): its call for one segment of all ``rows`` rows."""
+        if self._kernel is None:
+            return None
+        found = self._native.get(rows)
+        if found is None:
+            segments = Segments.of([self._lora], [list(range(rows))])
+            found = self._native[rows] = (segments, self._kernel.native_lora(segments))
+        return found[1]
 
     def adds_into(self, x: Tensor) -> bool:
         return self.bias is None and decode_input(x, self.At.dtype)
@@ -211,9 +226,9 @@ def linear_route(
     per step) or the workspace holds the native kernel; else gather-bmm over per-row stacks (fastest of
     torch's ops for distinct adapters, bench/lora_routing.py)."""
     first = row_loras[0]
-    if first is not None and all(lo is first for lo in row_loras):
-        return UniformLinear(first)
     kernel = workspace.grouped_kernel if workspace is not None else None  # a decode plan's (grouped.py)
+    if first is not None and all(lo is first for lo in row_loras):
+        return UniformLinear(first, kernel=kernel)
     if prefers_grouped(row_loras, native=kernel is not None):
         return GroupedLinear(row_loras, kernel=kernel)
     return GatheredLinear(row_loras, workspace=workspace, name=name)

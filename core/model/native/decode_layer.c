@@ -6,10 +6,12 @@
  * GEMMs left out (BENCHMARKS "Session 25"). Each call here does a run of those ops in C, with the native
  * linear kernel for the GEMMs:
  *
- *   decode_attn_in:      h = rms_norm(x); q, k, v = h Wq^T + bq, ...; q and k rotated (cos, sin)
- *   decode_attn_out_mlp: x = x + o Wo^T + bo; h = rms_norm(x); x = x + down(silu(gate(h)) * up(h))
+ *   decode_attn_in:      h = rms_norm(x); q, k, v = h Wq^T + bq (+ LoRA), ...; q and k rotated (cos, sin)
+ *   decode_attn_out_mlp: x = x + o Wo^T + bo (+ LoRA); h = rms_norm(x); x = x + down(silu(gate(h)) * up(h))
  *
- * and the KV cache and attention stay in torch between them. The rotation and the residual adds are the
+ * and the KV cache and attention stay in torch between them. A layer with LoRA routes passes each projection's
+ * add (lora_t: another library's function and its arguments, the grouped LoRA kernel's) and each runs right
+ * after its GEMM, on the GEMM's input, into the GEMM's columns. The rotation and the residual adds are the
  * torch ops' arithmetic, rounding for rounding (no FMA contraction); the norms and SiLU sum and round in
  * their own order, so the logits agree with the forward's to fp32 rounding, not bit for bit.
  */
@@ -100,6 +102,34 @@ static void two_linears(const float *x, int64_t rows, int64_t ldx, int64_t k, co
     }
 }
 
+/* one projection's LoRA add, made through the function of the library that owns the adapters' layout (the
+ * grouped kernel's lora_grouped_add; native_layers.py fills it from the route's NativeLora). Mirrored by
+ * loramux.core.native.NativeLora */
+typedef int (*lora_add_fn)(float *out, int64_t out_stride, const float *x, int64_t x_stride, const int64_t *a_ptrs,
+                           const int64_t *b_ptrs, const int64_t *ranks, const float *scales, const int64_t *rows,
+                           const int64_t *offsets, int64_t adapters, int64_t in_features, int64_t out_features,
+                           float *t, int64_t t_stride, int threads);
+typedef struct {
+    lora_add_fn add;
+    const int64_t *a_ptrs, *b_ptrs, *ranks;
+    const float *scales;
+    const int64_t *rows, *offsets;
+    int64_t adapters;
+    float *scratch;
+    int64_t scratch_stride;
+} lora_t;
+
+/* out (rows, n; row stride ldo) += the LoRA delta of x (rows, k; row stride ldx); loras or lora NULL, or no
+ * adapters: none.
+ * Returns 0, or 2 when the add refused (nothing written) */
+static int add_lora(const lora_t *const *loras, int which, float *out, int64_t ldo, const float *x, int64_t ldx,
+                    int64_t k, int64_t n, int threads) {
+    const lora_t *lora = loras != NULL ? loras[which] : NULL;
+    if (lora == NULL || lora->adapters == 0) return 0;
+    return lora->add(out, ldo, x, ldx, lora->a_ptrs, lora->b_ptrs, lora->ranks, lora->scales, lora->rows,
+                     lora->offsets, lora->adapters, k, n, lora->scratch, lora->scratch_stride, threads) == 0 ? 0 : 2;
+}
+
 static float *scratch(int64_t floats) { return aligned_alloc(64, (size_t)(floats * 4 + 63) / 64 * 64); }
 
 /* h (rows, d) = rms_norm(x); qkv (rows, (heads + 2 kv_heads) head_dim) = h [Wq Wk Wv]^T + b: not rotated */
@@ -155,30 +185,41 @@ int decode_silu_down(const layer_t *L, int64_t rows, float *gate_up, float *act,
     return 0;
 }
 
-/* x (rows, d); cos, sin (rows, head_dim); qkv (rows, (heads + 2 kv_heads) head_dim): q, k (rotated), v.
- * Returns 0, or 1 when out of memory (nothing written). */
-int decode_attn_in(const layer_t *L, int64_t rows, const float *x, const float *cos, const float *sin, float *qkv,
-                   int threads) {
-    float *h = scratch(rows * L->d);
+/* x (rows, d); cos, sin (rows, head_dim); qkv (rows, (heads + 2 kv_heads) head_dim): q, k (rotated), v;
+ * loras: NULL, or the q, k, v, o, gate, up and down adds (NULL: none; this call makes q, k and v's).
+ * Returns 0; 1 when out of memory (nothing written); 2 when a LoRA add refused (qkv unfinished). */
+int decode_attn_in(const layer_t *L, const lora_t *const *loras, int64_t rows, const float *x, const float *cos,
+                   const float *sin, float *qkv, int threads) {
+    const int64_t d = L->d, nq = L->heads * L->head_dim, nk = L->kv_heads * L->head_dim, width = nq + 2 * nk;
+    float *h = scratch(rows * d);
     if (h == NULL) return 1;
     decode_norm_qkv(L, rows, x, h, qkv, threads);
+    int status = add_lora(loras, 0, qkv, width, h, d, d, nq, threads);
+    status |= add_lora(loras, 1, qkv + nq, width, h, d, d, nk, threads);
+    status |= add_lora(loras, 2, qkv + nq + nk, width, h, d, d, nk, threads);
     decode_rotate(L, rows, qkv, cos, sin);
     free(h);
-    return 0;
+    return status;
 }
 
-/* x (rows, d): the layer's input; o (rows, heads head_dim): attention's output; out (rows, d): the layer's.
- * Returns 0, or 1 when out of memory (nothing written). */
-__attribute__((optimize("fp-contract=off"))) int decode_attn_out_mlp(const layer_t *L, int64_t rows, const float *x,
-                                                                     const float *o, float *out, int threads) {
-    const int64_t d = L->d, inter = L->inter, n = rows * d;
+/* x (rows, d): the layer's input; o (rows, heads head_dim): attention's output; out (rows, d): the layer's;
+ * loras: as decode_attn_in's (this call makes o, gate, up and down's).
+ * Returns 0; 1 when out of memory (nothing written); 2 when a LoRA add refused (out unfinished). */
+__attribute__((optimize("fp-contract=off"))) int decode_attn_out_mlp(const layer_t *L, const lora_t *const *loras,
+                                                                     int64_t rows, const float *x, const float *o,
+                                                                     float *out, int threads) {
+    const int64_t d = L->d, inter = L->inter, n = rows * d, width = L->heads * L->head_dim;
     float *mid = scratch(2 * n + 2 * rows * inter);
     if (mid == NULL) return 1;
     float *h = mid + n, *gate_up = h + n; /* gate_up (rows, 2 inter): gate, then up */
     decode_o(L, rows, o, mid, threads);
+    int status = add_lora(loras, 3, mid, d, o, width, width, d, threads);
     decode_residual_norm_gate_up(L, rows, x, mid, h, gate_up, threads);
-    decode_silu_down(L, rows, gate_up, gate_up, 2 * inter, out, threads);
+    status |= add_lora(loras, 4, gate_up, 2 * inter, h, d, d, inter, threads);
+    status |= add_lora(loras, 5, gate_up + inter, 2 * inter, h, d, d, inter, threads);
+    decode_silu_down(L, rows, gate_up, gate_up, 2 * inter, out, threads); /* act in place of gate */
+    status |= add_lora(loras, 6, out, d, gate_up, 2 * inter, inter, d, threads);
     for (int64_t j = 0; j < n; j++) out[j] = mid[j] + out[j];
     free(mid);
-    return 0;
+    return status;
 }

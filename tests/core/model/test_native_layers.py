@@ -1,5 +1,6 @@
 """Native decode layers: the forward's logits to fp32 rounding and its greedy tokens (padding, ragged runs, Qwen2's
-biases), torch's ops wherever a layer carries a LoRA route, the probe that refuses them, and auto's timing."""
+biases), a routed layer's LoRA added inside the native calls (or between them, or torch's ops), the probe that
+refuses them, and auto's timing."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ from loramux.core.model.decoder import Decoder
 from loramux.core.model.huge_pages import move_to_huge_pages
 from loramux.core.model.linear_kernels import LinearKernel
 from loramux.core.model.native_layer_choice import StepTiming, attach_native_layers, within_tolerance
-from loramux.core.model.native_layers import DecodeLayers, NativeDecodeLayers, native_layers, unsupported
+from loramux.core.model.native_layers import (
+    DecodeLayers,
+    NativeDecodeLayers,
+    NativeLoras,
+    native_layers,
+    unsupported,
+)
 from tests.conftest import build_base
 from tests.core.model.test_decode_step import decode_both, prepared
 
@@ -61,41 +68,96 @@ def test_native_layers_give_the_forwards_logits_to_rounding_and_its_tokens(arch,
     assert calls == [0, 1] * 4  # both layers, every step
 
 
-@pytest.mark.parametrize(
-    ("rows", "adds_into"),
-    [(["a", "a", "a"], True), (["a", None, "a"], True), (["a", None, "b"], True), (["a", None, "b"], False)],
-    ids=["uniform", "grouped", "distinct", "routes-that-do-not-add-into"],
-)
-def test_routed_layers_run_staged_native_calls_where_their_routes_add_into(rows, adds_into, make_adapter, monkeypatch):
+def routed(rows: list[str | None], make_adapter) -> tuple:
+    """The llama model on torch's GEMMs with native layers, adapters "a" and "b" on every projection of layer 1
+    only, and a decode plan (the grouped kernel's) for rows."""
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler (gcc/cc) to build the grouped LoRA kernel")
     model = prepared("llama", LinearKernel.TORCH)
     manager = AdapterManager(model)
-    for name, seed in (("a", 1), ("b", 2)):  # every projection of layer 1 only
+    for name, seed in (("a", 1), ("b", 2)):
         folder = make_adapter("llama", name, seed=seed, target_modules=list(EVERY), layers_to_transform=[1])
         manager.load_adapter(str(folder), name)
     step = decode_step_for(model)
     assert step is not None
     assert not isinstance(attach_native_layers(model, step, mode=DecodeLayers.NATIVE, rows=(4,)), str)
-    base = decode_both(model, step, steps=2)
     workspace = RoutingWorkspace(rows=len(rows), grouped_kernel=load_grouped_kernel())
     plan = build_plan([manager.acquire(r).weights if r else None for r in rows], workspace=workspace)
     assert len(plan.routes) == len(EVERY)
+    return model, step, plan
+
+
+def kinds(monkeypatch) -> list[str]:
+    """What routes_of gave layer 1, call by call: "in C", "staged" or "torch"."""
+    seen: list[str] = []
+    original = NativeDecodeLayers.routes_of
+
+    def spy(self, index, *args):
+        lora = original(self, index, *args)
+        if index == 1:
+            seen.append("in C" if isinstance(lora, NativeLoras) else "staged" if isinstance(lora, tuple) else "torch")
+        return lora
+
+    monkeypatch.setattr(NativeDecodeLayers, "routes_of", spy)
+    return seen
+
+
+ROWS = {"uniform": ["a", "a", "a"], "grouped": ["a", None, "a"], "distinct": ["a", None, "b"]}
+
+
+@pytest.mark.parametrize(
+    ("rows", "kind"),
+    [(r, "in C") for r in ROWS] + [("uniform", "staged"), ("distinct", "staged"), ("distinct", "torch")],
+)
+def test_routed_layers_add_their_lora_inside_the_native_calls_or_between_them(rows, kind, make_adapter, monkeypatch):
+    model, step, plan = routed(ROWS[rows], make_adapter)
+    base = decode_both(model, step, steps=2)
     for route in plan.routes.values():
         with torch.no_grad():  # as in a decode step
             assert route.adds_into(torch.zeros(3, 1, 32))
-        if not adds_into:
+            assert route.native_lora(3) is not None
+        if kind != "in C":  # no native call: add_into from Python, between the staged calls
+            monkeypatch.setattr(route, "native_lora", lambda rows: None)
+        if kind == "torch":
             monkeypatch.setattr(route, "adds_into", lambda x: False)
-    calls = counted(monkeypatch)
+    seen, calls = kinds(monkeypatch), counted(monkeypatch)
     with use_plan(plan):
-        routed = decode_both(model, step, steps=2, routes=plan.routes)
-    assert_close(routed)
-    # layer 1 carries the routes: native (staged, each route adding into its output) where they add into,
-    # else torch's ops there; layer 0 native either way
-    assert calls == ([0, 1] if adds_into else [0]) * 2
-    assert not torch.allclose(routed[0][0][0], base[0][0][0])  # the adapter's rows moved
-    if rows[1] is None:
-        assert within_tolerance(base[0][0][1:2], routed[0][0][1:2])  # the base row did not
+        got = decode_both(model, step, steps=2, routes=plan.routes)
+    assert_close(got)
+    assert seen == [kind] * 2
+    assert calls == ([0] if kind == "torch" else [0, 1]) * 2  # layer 0 (no routes) native either way
+    assert not torch.allclose(got[0][0][0], base[0][0][0])  # the adapter's rows moved
+    if ROWS[rows][1] is None:
+        assert within_tolerance(base[0][0][1:2], got[0][0][1:2])  # the base row did not
+
+
+@pytest.mark.parametrize("rows", list(ROWS))
+def test_lora_inside_the_native_calls_equals_the_staged_calls(rows, make_adapter, monkeypatch) -> None:
+    model, step, plan = routed(ROWS[rows], make_adapter)
+    with use_plan(plan):
+        inside = decode_both(model, step, steps=3, routes=plan.routes)
+        for route in plan.routes.values():
+            monkeypatch.setattr(route, "native_lora", lambda rows: None)
+        staged = decode_both(model, step, steps=3, routes=plan.routes)
+    for (_, a), (_, b) in zip(inside, staged, strict=True):
+        if rows == "uniform":  # staged: torch's two matmuls a module; inside: the grouped kernel's sums
+            assert within_tolerance(b, a)
+        else:  # the same kernel on the same inputs, in the same order
+            assert torch.equal(a, b)
+
+
+def test_a_layers_native_loras_are_kept_while_its_routes_calls_are(make_adapter) -> None:
+    _, step, plan = routed(["a", None, "b"], make_adapter)
+    layers = step.native
+    assert layers is not None
+    x = torch.zeros(3, 1, 32)
+    with torch.no_grad():
+        first = layers.routes_of(1, 3, plan.routes, x)
+        assert isinstance(first, NativeLoras) and layers.routes_of(1, 3, plan.routes, x) is first
+        assert first.calls == tuple(plan.routes[n].native_lora(3) for n in layers.names[1][1:])
+        compacted = plan.compact([(1, 2)], 2)  # row 2 ("b") moves into row 1: the routes regroup
+        second = layers.routes_of(1, 2, compacted.routes, x[:2])
+    assert isinstance(second, NativeLoras) and second is not first
 
 
 def test_a_route_on_the_mlp_container_keeps_torchs_ops_for_that_layer(monkeypatch) -> None:
