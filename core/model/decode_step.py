@@ -37,8 +37,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from loramux.core.model.fused_linears import SIBLINGS, FusedSiblings, fused_groups
 from loramux.core.model.kv_batch import next_positions, prefill_positions
+from loramux.core.model.kv_cache import GrowableLayer
 from loramux.core.model.linear_kernels import FUSED
-from loramux.core.model.native_layers import NativeDecodeLayers, add_into_columns
+from loramux.core.model.native_layers import NativeDecodeLayers, NativeLoras, add_into_columns
 from loramux.core.model.ragged_attention import NAME as RAGGED
 from loramux.core.model.ragged_attention import SEGMENTS_KWARG, Segment
 
@@ -115,10 +116,16 @@ class LlamaDecodeStep:
         extra = {SEGMENTS_KWARG: segments} if segments is not None else {}
         attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         native = self.native
+        # (N, S): what native attention reads; runs apply where SDPA gets a mask, as ragged attention's do
+        kv_mask = _attended(mask, segments if attend is not None else None) if native is not None else mask
         for i, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
             layer = _base(layer)
             attn = _base(layer.self_attn)
             lora = native.routes_of(i, rows, routes, x) if native is not None else None
+            own = cache.layers[attn.layer_idx] if attn.layer_idx < len(cache.layers) else None
+            if (lora is True or isinstance(lora, NativeLoras)) and isinstance(own, GrowableLayer):
+                x = native.whole_layer(i, x, cos, sin, lora, own, kv_mask, attn.scaling)  # type: ignore[union-attr]
+                continue  # the whole layer, attention over the cache included, in one native call
             if lora is not None:  # norm, q/k/v and rotation in native calls (native_layers.py)
                 q, k, v = self._split(native.attention_inputs(i, x, cos, sin, lora), attn.head_dim)  # type: ignore[union-attr]
             else:
@@ -178,6 +185,17 @@ class LlamaDecodeStep:
         y = _routed_gemm(group, h, gate_up)  # (N, 1, 2 I)
         gate = group.sizes[0]
         return _linear(mlp.down_proj, down, mlp.act_fn(y[..., :gate]) * y[..., gate:])
+
+
+def _attended(mask: Tensor, segments: list[Segment] | None) -> Tensor:
+    """mask (N, S) as int64, contiguous, with the columns before each ragged run's last ``width`` zeroed: the
+    columns its attention reads (ragged_attention.py)."""
+    if not segments:
+        return mask.to(torch.int64).contiguous()
+    attended = mask.to(torch.int64, copy=True).contiguous()
+    for first, end, width in segments:
+        attended[first:end, : attended.shape[1] - width] = 0
+    return attended
 
 
 def _linear(module: Any, route: Any, x: Tensor) -> Tensor:

@@ -53,16 +53,22 @@ class GrowableLayer(DynamicLayer):
         self._start = 0  # first buffer column in use
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        keys, values = self.extend(key_states, value_states)
+        new = key_states.shape[-2]
+        keys[:, :, -new:].copy_(key_states)
+        values[:, :, -new:].copy_(value_states)
+        return keys, values
+
+    def extend(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """``update`` but for its copies: keys and values (N, H, S + new, D) with room made (or found) for the
+        new columns, which the caller writes (the native decode layers, in C). key_states and value_states
+        (N, H, new, D) only give the shape, dtype and device."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]
         if not self._holds_views(key_states, length + new) and not self._shift_left(key_states, length + new):
             self._regrow(key_states, value_states, length, buffer_columns(length + new))
-        kb, vb, rows, start = self._key_buffer, self._value_buffer, key_states.shape[0], self._start
-        assert kb is not None and vb is not None
-        kb[:rows, :, start + length : start + length + new].copy_(key_states)
-        vb[:rows, :, start + length : start + length + new].copy_(value_states)
-        self._set_views(rows, length + new)
+        self._set_views(key_states.shape[0], length + new)
         return self.keys, self.values  # type: ignore[return-value]
 
     def keep_rows(self, moves: Sequence[tuple[int, int]], rows: int, drop_front: int) -> bool:

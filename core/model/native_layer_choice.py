@@ -2,13 +2,14 @@
 
 Native layers agree with the forward's logits to fp32 rounding, not bit for bit, so at engine start they
 first pass a probe (``within_tolerance``: three decode steps of padded rows, each within ``TOLERANCE`` of the
-forward's logits and with its greedy tokens), once on the two calls of an unrouted layer (which a routed
-layer also makes, its grouped-kernel adds inside) and once on the staged calls of a routed one. Then, under ``auto``, the step is timed both ways at each row count the engine
-will run (up to native_layers.MAX_ROWS), interleaved, without adapters, and a batch of r rows runs native
-layers where they were faster at the nearest timed count at or above r: which is faster depends on the
-machine, and it is the whole step that counts (each call trades the torch ops' dispatch for the native
-kernel's GEMMs). Routed layers follow the same table (their staged calls were faster too on the Intel Xeon:
-8 distinct adapters 1.24x, 64 rows over 8 adapters 1.12x; BENCHMARKS "Session 25"). ``native`` keeps them at
+forward's logits and with its greedy tokens, one of them in ragged runs), once on the one whole-layer call
+of an unrouted layer (which a routed layer also makes, its grouped-kernel adds inside) and once on the staged
+calls of a routed one. Then, under ``auto``, the step is timed both ways at each row count the engine will
+run (up to native_layers.MAX_ROWS), interleaved, without adapters, and a batch of r rows runs native layers
+where they were faster at the nearest timed count at or above r: which is faster depends on the machine, and
+it is the whole step that counts (each call trades the torch ops' dispatch for the native kernel's GEMMs).
+Routed layers follow the same table (their staged calls were faster too on the Intel Xeon: 8 distinct
+adapters 1.24x, 64 rows over 8 adapters 1.12x; BENCHMARKS "Session 25"). ``native`` keeps them at
 every row count without timing; ``torch`` never runs them.
 """
 

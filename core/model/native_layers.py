@@ -1,11 +1,13 @@
-"""Native decoder layers for the decode step: each Llama layer's work around attention as two C calls.
+"""Native decoder layers for the decode step: each Llama layer in one C call, attention over the KV cache included.
 
 At one row on one thread the decode step spent 5.8 ms of a 13 ms step outside the linear kernel, where the
 same torch ops took 1.6-2.6 ms with the GEMMs left out: every GEMM streams weights through the caches, and the
 small ops between two of them (about 40 a layer, each a dispatch through Python and torch) then start cold
-(Intel Xeon; BENCHMARKS "Session 25"). ``NativeDecodeLayers`` runs a layer's norm, q/k/v GEMMs and rotation
-in one call (native/decode_layer.c), leaves the KV cache and attention to torch, and runs o_proj, the
-residual, the second norm and the MLP in a second call, with the native linear kernel for every GEMM.
+(Intel Xeon; BENCHMARKS "Session 25"). ``NativeDecodeLayers.whole_layer`` runs a layer's norm, q/k/v GEMMs
+and rotation, writes k and v into the KV cache's new column (``GrowableLayer.extend`` makes the room), runs
+attention over the cache (native/decode_attention.c), then o_proj, the residual, the second norm and the MLP,
+in one call (native/decode_layer.c), with the native linear kernel for every GEMM. Against a cache that is
+not growable, two calls (``attention_inputs``, ``attention_output_and_mlp``) around torch's update and SDPA.
 
 The rotation and residual adds round as torch's ops do; the RMSNorms and SiLU sum in their own order, so the
 logits agree with the forward's to fp32 rounding, not bit for bit: ``native_layers_for`` runs a probe that
@@ -14,7 +16,7 @@ also decides at which row counts they run), at most native_linear.MAX_ROWS rows.
 
 A layer with LoRA routes runs here when each route adds into its base output (``Route.adds_into``). Routes
 with a native call (``Route.native_lora``: the grouped kernel's, for rows on several adapters or one) are
-made inside the same two calls, each right after its projection's GEMM: 56 Python calls a step fewer on the
+made inside the same calls, each right after its projection's GEMM: 56 Python calls a step fewer on the
 bench model. Routes that add only from Python (one adapter on torch's ops) run between five staged calls.
 Any other route, or one on the MLP container, keeps the step's torch ops for that layer.
 """
@@ -217,6 +219,36 @@ class NativeDecodeLayers:
         add_into_columns(lora[6:], act, out, (out.shape[-1],))
         return mid + out  # the residual, as x + mlp(h)
 
+    def whole_layer(
+        self, index: int, x: Tensor, cos: Tensor, sin: Tensor, lora: Lora, cache: Any, mask: Tensor, scaling: float
+    ) -> Tensor:
+        """The layer's output (N, 1, d) for x (N, 1, d) in one call, attention included: cache (the layer's
+        GrowableLayer) gains this step's column, which C writes; mask (N, S) int64, contiguous, S counting the new
+        column; lora: ``routes_of``'s True or NativeLoras (routes adding from Python need the staged calls)."""
+        assert lora is True or isinstance(lora, NativeLoras)
+        tensors = self.layers[index]
+        _, _, kv_heads, dim, _ = tensors.sizes
+        rows, length = x.shape[0], cache.get_seq_length() + 1
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        if mask.shape != (rows, length) or mask.dtype is not torch.int64 or not mask.is_contiguous():
+            raise ValueError(f"mask {tuple(mask.shape)} {mask.dtype} is not the cache's ({rows}, {length}) int64")
+        if cos.numel() != rows * dim or sin.shape != cos.shape:  # C reads D per row
+            raise ValueError(f"rotary cos/sin {tuple(cos.shape)} do not give each row head_dim values")
+        shape = torch.empty((), dtype=torch.float32).expand(rows, kv_heads, 1, dim)  # what the new column is
+        keys, values = cache.extend(shape, shape)  # (N, Hkv, S, D) views of the cache's buffers
+        if keys.stride()[2:] != (dim, 1) or values.stride() != keys.stride() or keys.dtype is not torch.float32:
+            raise ValueError(f"KV cache views {keys.stride()} {keys.dtype}: not fp32 columns of head_dim")
+        out = torch.empty_like(x)
+        loras = lora.array if isinstance(lora, NativeLoras) else None
+        _check(
+            self._lib.decode_layer(
+                ctypes.byref(tensors.current()), loras, rows, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), length, mask.data_ptr(),
+                scaling, out.data_ptr(), torch.get_num_threads(),
+            )
+        )  # fmt: skip
+        return out
+
 
 def add_into_columns(routes: Sequence[Any], x: Tensor, out: Tensor, sizes: Sequence[int]) -> None:
     """Each route (None: none) adds its delta for x (N, 1, in) into its columns of out (N, 1, sum sizes): a
@@ -267,6 +299,7 @@ def _library() -> ctypes.CDLL | str:
     signatures = {
         "decode_attn_in": [layer, _P, _I, _P, _P, _P, _P, threads],
         "decode_attn_out_mlp": [layer, _P, _I, _P, _P, _P, threads],
+        "decode_layer": [layer, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_float, _P, threads],
         "decode_norm_qkv": [layer, _I, _P, _P, _P, threads],
         "decode_rotate": [layer, _I, _P, _P, _P],
         "decode_o": [layer, _I, _P, _P, threads],

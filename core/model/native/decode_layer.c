@@ -8,14 +8,18 @@
  *
  *   decode_attn_in:      h = rms_norm(x); q, k, v = h Wq^T + bq (+ LoRA), ...; q and k rotated (cos, sin)
  *   decode_attn_out_mlp: x = x + o Wo^T + bo (+ LoRA); h = rms_norm(x); x = x + down(silu(gate(h)) * up(h))
+ *   decode_layer:        decode_attn_in; k, v into the KV cache; attention (decode_attention.c); decode_attn_out_mlp
  *
- * and the KV cache and attention stay in torch between them. A layer with LoRA routes passes each projection's
+ * decode_layer is the whole layer in one call; against a cache that is not growable the first two run around
+ * torch's KV cache and attention. A layer with LoRA routes passes each projection's
  * add (lora_t: another library's function and its arguments, the grouped LoRA kernel's) and each runs right
  * after its GEMM, on the GEMM's input, into the GEMM's columns. The rotation and the residual adds are the
  * torch ops' arithmetic, rounding for rounding (no FMA contraction); the norms and SiLU sum and round in
  * their own order, so the logits agree with the forward's to fp32 rounding, not bit for bit.
  */
 #include "skinny_linear.c"
+#include "vector_math.h"
+#include "decode_attention.c"
 
 #include <math.h>
 #include <stdlib.h>
@@ -59,23 +63,6 @@ __attribute__((optimize("fp-contract=off"))) static void rotate(float *p, int64_
             p[i + half] = b * cos[i + half] + a * sin[i + half];
         }
     }
-}
-
-/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, scaled by 2^n */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  /* ln2 in two parts (Cody-Waite) */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* g = silu(g) * u over n values: g / (1 + exp(-g)) * u */
@@ -221,5 +208,33 @@ __attribute__((optimize("fp-contract=off"))) int decode_attn_out_mlp(const layer
     status |= add_lora(loras, 6, out, d, gate_up, 2 * inter, inter, d, threads);
     for (int64_t j = 0; j < n; j++) out[j] = mid[j] + out[j];
     free(mid);
+    return status;
+}
+
+/* The whole layer: decode_attn_in, then k and v written into the KV cache's new column (the last of length),
+ * attention over the cache (decode_attention.c), then decode_attn_out_mlp. keys, values: the cache's views
+ * (rows, kv_heads, length, head_dim) at row stride kv_row and head stride kv_head, columns of head_dim floats;
+ * mask (rows, length): 0 = not attended (NULL: all); loras: as decode_attn_in's. Returns 0; 1 when out of
+ * memory (the cache's new column maybe written, out not); 2 when a LoRA add refused (out unfinished). */
+int decode_layer(const layer_t *L, const lora_t *const *loras, int64_t rows, const float *x, const float *cos,
+                 const float *sin, float *keys, float *values, int64_t kv_row, int64_t kv_head, int64_t length,
+                 const int64_t *mask, float scaling, float *out, int threads) {
+    const int64_t dim = L->head_dim, nq = L->heads * dim, nk = L->kv_heads * dim, width = nq + 2 * nk;
+    float *qkv = scratch(rows * width + rows * nq);
+    if (qkv == NULL) return 1;
+    float *o = qkv + rows * width;
+    int status = decode_attn_in(L, loras, rows, x, cos, sin, qkv, threads);
+    for (int64_t r = 0; r < rows && status == 0; r++) {
+        for (int64_t h = 0; h < L->kv_heads; h++) {
+            const int64_t at = r * kv_row + h * kv_head + (length - 1) * dim;
+            memcpy(keys + at, qkv + r * width + nq + h * dim, (size_t)dim * sizeof(float));
+            memcpy(values + at, qkv + r * width + nq + nk + h * dim, (size_t)dim * sizeof(float));
+        }
+    }
+    if (status == 0)
+        status = attend(qkv, width, keys, values, kv_row, kv_head, length, mask, rows, L->heads, L->kv_heads, dim,
+                        scaling, o, threads);
+    if (status == 0) status = decode_attn_out_mlp(L, loras, rows, x, o, out, threads);
+    free(qkv);
     return status;
 }

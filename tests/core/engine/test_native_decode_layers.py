@@ -29,11 +29,12 @@ pytestmark = pytest.mark.skipif(
 def test_base_and_mixed_batches_equal_peft_greedy(
     layers, lora, base_model, tokenizer, adapter_dirs, peft_model, monkeypatch
 ):
-    calls: list[int] = []
-    original = NativeDecodeLayers.attention_output_and_mlp
-    monkeypatch.setattr(
-        NativeDecodeLayers, "attention_output_and_mlp", lambda s, i, *a: calls.append(i) or original(s, i, *a)
-    )
+    calls: list[int] = []  # layers run native: the whole layer in one call, or its last call of two
+    for name in ("attention_output_and_mlp", "whole_layer"):
+        original = getattr(NativeDecodeLayers, name)
+        monkeypatch.setattr(
+            NativeDecodeLayers, name, lambda s, i, *a, original=original: calls.append(i) or original(s, i, *a)
+        )
     inside: list[bool] = []  # per routed layer call: were its LoRA adds inside the native calls?
     routes_of = NativeDecodeLayers.routes_of
 
