@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from loramux.core.model.kv_batch import next_positions, prefill_positions
 from loramux.core.model.kv_cache import GrowableCache
 from loramux.core.model.linear_kernels import LinearKernel, onednn_works
 from loramux.core.model.native_linear import native_linear
-from loramux.core.model.ragged_attention import SEGMENTS_KWARG, use_ragged_attention
+from loramux.core.model.ragged_attention import SEGMENTS_KWARG, Segment, use_ragged_attention
 from tests.conftest import build_base
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: left padding
@@ -36,28 +37,42 @@ def prepared(arch: str, kernel: LinearKernel = LinearKernel.AUTO) -> torch.nn.Mo
     return model
 
 
-def decode_both(model, step, *, steps: int = 4, routes=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(forward's, step's) logits (N, V) for each of ``steps`` greedy decode steps from PROMPTS; the step feeds
-    the forward's tokens, so both see the same inputs; every other step in ragged runs."""
-    width = max(len(p) for p in PROMPTS)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
-    caches, pairs = [GrowableCache(), GrowableCache()], []
+def every_other_step_ragged(step: int, lengths: list[int]) -> list[Segment] | None:
+    """PROMPTS' ragged runs on odd steps: row 0 alone, rows 1-2 together."""
+    return [(0, 1, lengths[0]), (1, 3, max(lengths[1:]))] if step % 2 else None
+
+
+def decode_both(
+    model,
+    step,
+    *,
+    steps: int = 4,
+    routes=None,
+    prompts: list[list[int]] = PROMPTS,
+    caches=None,
+    segments: Callable[[int, list[int]], list[Segment] | None] = every_other_step_ragged,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(forward's, step's) logits (N, V) for each of ``steps`` greedy decode steps from left-padded prompts;
+    the step feeds the forward's tokens, so both see the same inputs. caches: the forward's and the step's
+    (two GrowableCaches unless given); segments(step, lengths): that step's ragged runs (both get them)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    caches, pairs = caches or [GrowableCache(), GrowableCache()], []
     with torch.no_grad():
         for cache in caches:
             out = model(input_ids=ids, attention_mask=mask, position_ids=prefill_positions(mask), past_key_values=cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         for i in range(steps):
             positions = next_positions(mask)
-            mask = torch.cat([mask, mask.new_ones(len(PROMPTS), 1)], dim=1)
-            lengths = (positions[:, 0] + 1).tolist()
-            segments = [(0, 1, lengths[0]), (1, 3, max(lengths[1:]))] if i % 2 else None
-            extra = {SEGMENTS_KWARG: segments} if segments else {}
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            runs = segments(i, (positions[:, 0] + 1).tolist())
+            extra = {SEGMENTS_KWARG: runs} if runs else {}
             forward = model(
                 input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=caches[0], **extra
             )
             want = forward.logits[:, -1, :]
-            got = step(token, positions=positions, mask=mask, cache=caches[1], segments=segments, routes=routes or {})
+            got = step(token, positions=positions, mask=mask, cache=caches[1], segments=runs, routes=routes or {})
             pairs.append((want, got))
             token = want.argmax(-1, keepdim=True)
     return pairs

@@ -10,13 +10,13 @@ import torch
 from transformers import DynamicCache
 
 from loramux.core.model.decode_step import decode_step_for
-from loramux.core.model.kv_batch import next_positions, prefill_positions
+from loramux.core.model.kv_batch import prefill_positions
 from loramux.core.model.kv_cache import GrowableCache, GrowableLayer
 from loramux.core.model.linear_kernels import LinearKernel
 from loramux.core.model.native_layer_choice import attach_native_layers, within_tolerance
 from loramux.core.model.native_layers import DecodeLayers, NativeDecodeLayers, native_layers
 from tests.conftest import build_base
-from tests.core.model.test_decode_step import prepared
+from tests.core.model.test_decode_step import decode_both, prepared
 
 pytestmark = pytest.mark.skipif(
     isinstance(native_layers(build_base("llama")), str), reason="native decode layers cannot run on this machine"
@@ -38,29 +38,9 @@ def whole_layers(monkeypatch) -> list[int]:
     return calls
 
 
-def decode(model, step, prompts, *, steps, caches, segments=None):
-    """(forward's, step's) logits for each greedy step from left-padded prompts; caches: the forward's, the
-    step's; segments(lengths) -> the step's ragged runs (both are given them)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pairs = []
-    with torch.no_grad():
-        for cache in caches:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=prefill_positions(mask), past_key_values=cache)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(steps):
-            positions = next_positions(mask)
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            runs = segments(mask.shape[1]) if segments else None
-            extra = {"loramux_segments": runs} if runs else {}
-            want = model(
-                input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=caches[0], **extra
-            ).logits[:, -1, :]
-            got = step(token, positions=positions, mask=mask, cache=caches[1], segments=runs, routes={})
-            pairs.append((want, got))
-            token = want.argmax(-1, keepdim=True)
-    return pairs
+def decode(model, step, prompts, *, steps, caches, segments=lambda i, lengths: None):
+    """decode_both from these prompts and caches, without ragged runs unless segments gives them."""
+    return decode_both(model, step, steps=steps, prompts=prompts, caches=caches, segments=segments)
 
 
 def assert_close(pairs) -> None:
@@ -84,7 +64,7 @@ def test_ragged_runs_narrower_than_the_mask_are_what_attention_reads(monkeypatch
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     # row 0 attends only its last 4 columns, fewer than its mask's (the probe's case); row 1 its last 7
     pairs = decode(model, step, prompts, steps=3, caches=[GrowableCache(), GrowableCache()],
-                   segments=lambda width: [(0, 1, 4), (1, 2, 7)])  # fmt: skip
+                   segments=lambda i, lengths: [(0, 1, 4), (1, 2, 7)])  # fmt: skip
     assert_close(pairs)
     plain = decode(model, step, prompts, steps=1, caches=[GrowableCache(), GrowableCache()])
     assert not within_tolerance(plain[0][1], pairs[0][1])  # the runs changed what row 0 saw
